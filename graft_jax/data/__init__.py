@@ -1,0 +1,1 @@
+"""Data: the demo set, ImageNet latents, teacher-generated sets."""

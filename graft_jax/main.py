@@ -1,0 +1,31 @@
+"""Entry point: `python -m graft_jax.main --config=configs/demo.py --workdir=runs/demo`.
+
+Parses flags only; `graft_jax.pipeline.run` does the work. A user error (a missing checkpoint, an invalid plan) ends
+with one sentence and exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from graft_jax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics, samples and the report go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except pipeline.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,129 @@
+"""The model description surgery edits: a plain, hashable, JSON-serialisable config with one operator spec per layer."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping
+
+from graft_jax import operators
+
+
+def _hashable(value):
+  """JSON gives lists back; module attributes must be hashable, so lists become tuples."""
+  return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+  """An operator by registry name plus its options (defaults filled in, so two specs compare by behaviour)."""
+  name: str
+  options: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def make(cls, name: str, **options) -> "OpSpec":
+    full = operators.get(name).config(**options)
+    return cls(name, tuple(sorted((k, _hashable(v)) for k, v in full.items())))
+
+  @property
+  def config(self) -> dict[str, Any]:
+    return dict(self.options)
+
+  def build(self, dim: int):
+    return operators.build(self.name, dim, **self.config)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"name": self.name, **self.config}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "OpSpec":
+    d = dict(d)
+    return cls.make(d.pop("name"), **d)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One DiT block: a sequence mixer at site "attn" and a channel mixer at site "mlp"."""
+  attn: OpSpec
+  mlp: OpSpec
+
+  def site(self, name: str) -> OpSpec:
+    return getattr(self, name)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"attn": self.attn.to_json(), "mlp": self.mlp.to_json()}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "LayerSpec":
+    return cls(OpSpec.from_json(d["attn"]), OpSpec.from_json(d["mlp"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  input_size: int = 32          # latent height = width
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  num_heads: int = 16           # the teacher's heads; also what a re-created `mha` gets
+  num_classes: int = 1000       # index num_classes is the null class (CFG, label dropout)
+  learn_sigma: bool = True
+  class_dropout_prob: float = 0.1
+  layers: tuple[LayerSpec, ...] = ()
+
+  @property
+  def depth(self) -> int:
+    return len(self.layers)
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size ** 2
+
+  def replace(self, **changes) -> "DiTConfig":
+    return dataclasses.replace(self, **changes)
+
+  def with_layer(self, index: int, site: str, spec: OpSpec) -> "DiTConfig":
+    layers = list(self.layers)
+    layers[index] = dataclasses.replace(layers[index], **{site: spec})
+    return self.replace(layers=tuple(layers))
+
+  def to_json(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
+    return {"model": "dit", **d, "layers": [layer.to_json() for layer in self.layers]}
+
+  def dumps(self) -> str:
+    return json.dumps(self.to_json(), indent=1)
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "DiTConfig":
+    d = dict(d)
+    if d.pop("model", "dit") != "dit":
+      raise ValueError("this model config does not describe a DiT")
+    layers = tuple(LayerSpec.from_json(layer) for layer in d.pop("layers"))
+    return cls(**d, layers=layers)
+
+
+# DiT paper sizes: (depth, width, heads).
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def dit_config(preset: str = "DiT-XL/2", **overrides) -> DiTConfig:
+  """A DiT preset such as "DiT-XL/2" (size S/B/L/XL, patch 2/4/8); `depth`, `hidden_size`, `num_heads`, `mlp_ratio`
+  and any DiTConfig field can be overridden (tests use tiny widths)."""
+  try:
+    size, patch = preset.removeprefix("DiT-").split("/")
+    depth, width, heads = SIZES[size]
+    patch = int(patch)
+  except (ValueError, KeyError):
+    raise ValueError(f"unknown DiT preset {preset!r}; use DiT-{{S,B,L,XL}}/{{2,4,8}}.") from None
+  depth = overrides.pop("depth", depth)
+  mlp_ratio = overrides.pop("mlp_ratio", 4.0)
+  fields = dict(patch_size=patch, hidden_size=width, num_heads=heads) | overrides
+  layer = LayerSpec(OpSpec.make("mha", num_heads=fields["num_heads"]), OpSpec.make("mlp", ratio=mlp_ratio))
+  return DiTConfig(**fields, layers=(layer,) * depth)

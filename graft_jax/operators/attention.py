@@ -1,0 +1,125 @@
+"""Softmax attention operators: full multi-head self-attention (MHA) with a backend choice."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graft_jax.operators import init
+from graft_jax.operators.registry import register
+
+
+def attention_backend(requested: str, dtype) -> str:
+  """cuDNN's fused attention is the fast path on NVIDIA GPUs but only takes 16-bit inputs; XLA elsewhere."""
+  if requested != "auto":
+    return requested
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def split_heads(qkv: jax.Array, num_heads: int):
+  """(B, N, 3D) fused [q; k; v] with heads contiguous in each -> three (B, N, H, D/H)."""
+  b, n, _ = qkv.shape
+  q, k, v = jnp.split(qkv.reshape(b, n, 3, num_heads, -1), 3, axis=2)
+  return q[:, :, 0], k[:, :, 0], v[:, :, 0]
+
+
+def torch_fused_qkv(qkv_name: str, out_name: str):
+  """Importer for PyTorch attention with a fused (3D, D) qkv Linear and an output Linear."""
+  def from_torch(t, dim, num_heads):
+    params = {"qkv": init.dense_from_torch(t, qkv_name), "proj": init.dense_from_torch(t, out_name)}
+    return {"num_heads": num_heads}, params
+  return from_torch
+
+
+@register("mha", "attn", defaults={"num_heads": 16, "backend": "auto"},
+          torch_modules=("qkv", "proj"), from_torch=torch_fused_qkv("qkv", "proj"))
+class MultiHeadAttention(nn.Module):
+  """DiT's attention: fused qkv with bias, softmax(q k^T / sqrt(d)) v over all tokens, output projection."""
+  dim: int
+  num_heads: int = 16
+  backend: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    if self.dim % self.num_heads:
+      raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
+    q, k, v = split_heads(init.dense(3 * self.dim, "qkv")(x), self.num_heads)
+    y = jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(self.backend, x.dtype))
+    return init.dense(self.dim, "proj")(y.reshape(x.shape))
+
+
+def dense_attention_reference(q, k, v, mask=None):
+  """Naive float32 softmax attention over (B, N, H, d), optionally masked by a boolean (N, N) array; test oracle."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v, precision="highest")
+
+
+def _grid_shifts(x: jax.Array, grid: tuple[int, int], reach: tuple[int, int]) -> list[jax.Array]:
+  """x (B, N, H, d) on an (h, w) token grid, seen from every neighbour offset within `reach` (rows, cols).
+
+  Entry (dy, dx) (row-major over dy, dx) holds at token (r, c) the token (r + dy, c + dx), zeros past the edges.
+  Static pads and slices only, so XLA fuses each shift into whatever consumes it.
+  """
+  b, n = x.shape[:2]
+  (h, w), (ry, rx) = grid, reach
+  xg = jnp.pad(x.reshape(b, h, w, *x.shape[2:]), ((0, 0), (ry, ry), (rx, rx)) + ((0, 0),) * (x.ndim - 2))
+  return [xg[:, dy:dy + h, dx:dx + w].reshape(x.shape) for dy in range(2 * ry + 1) for dx in range(2 * rx + 1)]
+
+
+def _grid_mask(grid: tuple[int, int], reach: tuple[int, int]) -> jax.Array:
+  """(N, O) boolean: whether the neighbour at each offset of `_grid_shifts` lies inside the grid."""
+  def inside(size, r):
+    pos = jnp.arange(size)[:, None] + jnp.arange(-r, r + 1)
+    return (pos >= 0) & (pos < size)
+  (h, w), (ry, rx) = grid, reach
+  rows, cols = inside(h, ry), inside(w, rx)
+  return (rows[:, None, :, None] & cols[None, :, None, :]).reshape(h * w, -1)
+
+
+def neighbourhood_attention(q, k, v, window: int, grid: tuple[int, int] | None = None):
+  """Softmax attention of each query over the keys within `window` of it, for (B, N, H, d) q, k, v.
+
+  Without `grid`, tokens form a 1-D sequence and query i sees keys j with |i - j| <= window. With grid (h, w) (the
+  row-major token grid, h * w = N) it sees the keys within `window` rows and columns (Chebyshev distance). A 1-D
+  sequence is the 1 x N grid, so both share one path. The cost is O(N * number of neighbours): for each offset o,
+  logits_o = sum(q * shift(k, o)) is one elementwise multiply-reduce, never an N x N matrix. Logits, softmax and
+  the weighted sum of values run in float32 inside the fusions; only the output is cast back.
+  """
+  n = q.shape[1]
+  grid = (1, n) if grid is None else tuple(grid)
+  if grid[0] * grid[1] != n:
+    raise ValueError(f"token grid {grid} does not hold the sequence of {n} tokens")
+  # Offsets that can never land inside the grid would only add masked work.
+  reach = (min(window, grid[0] - 1), min(window, grid[1] - 1))
+  qf = q.astype(jnp.float32) / np.sqrt(q.shape[-1])
+  logits = jnp.stack([jnp.sum(qf * ko.astype(jnp.float32), axis=-1) for ko in _grid_shifts(k, grid, reach)], -1)
+  logits = jnp.where(_grid_mask(grid, reach)[:, None, :], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = sum(probs[..., o, None] * vo.astype(jnp.float32) for o, vo in enumerate(_grid_shifts(v, grid, reach)))
+  return out.astype(q.dtype)
+
+
+@register("swa", "attn", defaults={"num_heads": 16, "window": 4, "grid": None, "backend": "auto"},
+          torch_modules=("Wqkv", "out_proj"), from_torch=torch_fused_qkv("Wqkv", "out_proj"))
+class SlidingWindowAttention(nn.Module):
+  """MHA (DiT's projections) where each token attends only to its neighbours: see `neighbourhood_attention`.
+
+  The default is the grafting paper's SWA: window 4 on the raster-flattened sequence (9 keys, bidirectional).
+  """
+  dim: int
+  num_heads: int = 16
+  window: int = 4
+  grid: tuple[int, int] | None = None
+  backend: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    if self.dim % self.num_heads:
+      raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
+    q, k, v = split_heads(init.dense(3 * self.dim, "qkv")(x), self.num_heads)
+    y = neighbourhood_attention(q, k, v, self.window, self.grid)
+    return init.dense(self.dim, "proj")(y.reshape(x.shape))

@@ -1,0 +1,166 @@
+"""Hyena-family operators: gated products of projections mixed by short causal depthwise convolutions.
+
+All follow the grafting paper's definitions (causal conv: y_t = sum_j w_j x_{t-K+1+j} + b, zero padding on the left):
+- Hyena-X: in_proj D -> 3D, "short_filter" conv over all 3D channels, split q, k, v, y = q * (k * v), out_proj.
+- Hyena-Y: no short filter; u = k * v goes through the "inner_filter" conv (identity init), y = q * u.
+- Hyena-SE: both filters.
+- MLP Hyena-X (channel mixer): the Hyena-X recipe with ratio r, its conv running along the feature axis with one
+  filter per token.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graft_jax.operators import init
+from graft_jax.operators.registry import register
+
+
+def causal_depthwise_conv(x: jax.Array, w: jax.Array, b: jax.Array, axis: int = 1) -> jax.Array:
+  """Causal depthwise convolution of x (B, N, C) along `axis`: y_t = sum_j w_j x_{t-K+1+j} + b, zeros before t=0.
+
+  axis=1 runs along tokens with one filter per channel (w (K, C), b (C,)); axis=2 runs along the features with one
+  filter per token (w (K, N), b (N,)). Shift-and-add over static slices of the left-padded input: grouped
+  `conv_general_dilated` is slow on GPU, above all its backward. Products accumulate in float32 inside the fusion.
+  """
+  if axis not in (1, 2):
+    raise ValueError(f"the convolution runs along axis 1 (tokens) or 2 (features), not {axis}")
+  taps, length = w.shape[0], x.shape[axis]
+  pad = [(0, 0)] * 3
+  pad[axis] = (taps - 1, 0)
+  xp = jnp.pad(x, pad)
+  # A filter's values index the axis the convolution does not run along.
+  per_filter = (lambda a: a) if axis == 1 else (lambda a: a[:, None])
+  w, y = w.astype(jnp.float32), per_filter(b.astype(jnp.float32))
+  for j in range(taps):
+    y = y + jax.lax.slice_in_dim(xp, j, j + length, axis=axis).astype(jnp.float32) * per_filter(w[j])
+  return y.astype(x.dtype)
+
+
+def _symmetric_uniform(bound: float):
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _identity_taps(key, shape, dtype=jnp.float32):
+  """Only the last tap (the current token's) is 1."""
+  return jnp.zeros(shape, dtype).at[-1].set(1)
+
+
+class CausalConv(nn.Module):
+  """Learned causal depthwise conv: `kernel` (K, C) and `bias` (C,), C the size of the axis not convolved.
+
+  Default init is PyTorch's Conv1d default, as the official scions get. `identity_init` starts it as
+  the identity (only the current-token tap is 1, bias 0), as the paper does for the Hyena-Y / SE inner filters.
+  """
+  kernel_size: int
+  axis: int = 1
+  identity_init: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[3 - self.axis]
+    if self.identity_init:
+      kernel_init, bias_init = _identity_taps, nn.initializers.zeros
+    else:
+      # PyTorch's Conv1d default for a depthwise filter: fan-in K for both kernel and bias.
+      kernel_init = bias_init = _symmetric_uniform(1.0 / np.sqrt(self.kernel_size))
+    kernel = self.param("kernel", kernel_init, (self.kernel_size, channels))
+    bias = self.param("bias", bias_init, (channels,))
+    return causal_depthwise_conv(x, kernel, bias, self.axis)
+
+
+def _conv_from_torch(t, name):
+  """A torch depthwise Conv1d weight (C, 1, K) -> kernel (K, C): tap k stays tap k (torch convs do not flip)."""
+  return {"kernel": np.asarray(t[f"{name}.weight"])[:, 0, :].T, "bias": np.asarray(t[f"{name}.bias"])}
+
+
+def _filters_from_torch(t, names):
+  """Converted filters and their shared kernel size."""
+  filters = {name: _conv_from_torch(t, name) for name in names}
+  sizes = {f["kernel"].shape[0] for f in filters.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"filters {sorted(names)} have different widths {sorted(sizes)}; one kernel_size is supported")
+  return sizes.pop(), filters
+
+
+def _hyena_importer(filters):
+  def from_torch(t, dim, num_heads):
+    kernel_size, params = _filters_from_torch(t, filters)
+    params.update({name: init.dense_from_torch(t, name) for name in ("in_proj", "out_proj")})
+    return {"kernel_size": kernel_size}, params
+  return from_torch
+
+
+class _Hyena(nn.Module):
+  """in_proj D -> 3D, optional short filter over all 3D channels, split q, k, v, u = k * v, optional inner filter
+  on u, y = q * u, out_proj D -> D."""
+  dim: int
+  kernel_size: int = 4
+  short_filter: ClassVar[bool] = False
+  inner_filter: ClassVar[bool] = False
+
+  @nn.compact
+  def __call__(self, x):
+    u = init.dense(3 * self.dim, "in_proj")(x)
+    if self.short_filter:
+      u = CausalConv(self.kernel_size, name="short_filter")(u)
+    q, k, v = jnp.split(u, 3, axis=-1)
+    u = k * v
+    if self.inner_filter:
+      u = CausalConv(self.kernel_size, identity_init=True, name="inner_filter")(u)
+    return init.dense(self.dim, "out_proj")(q * u)
+
+
+@register("hyena_x", "attn", defaults={"kernel_size": 4}, torch_modules=("in_proj", "short_filter", "out_proj"),
+          from_torch=_hyena_importer(("short_filter",)))
+class HyenaX(_Hyena):
+  """Hyena-X: featurizer conv only."""
+  short_filter = True
+
+
+@register("hyena_y", "attn", defaults={"kernel_size": 4}, torch_modules=("in_proj", "inner_filter", "out_proj"),
+          from_torch=_hyena_importer(("inner_filter",)))
+class HyenaY(_Hyena):
+  """Hyena-Y: inner conv on k * v only."""
+  inner_filter = True
+
+
+@register("hyena_se", "attn", defaults={"kernel_size": 4},
+          torch_modules=("in_proj", "short_filter", "inner_filter", "out_proj"),
+          from_torch=_hyena_importer(("short_filter", "inner_filter")))
+class HyenaSE(_Hyena):
+  """Hyena-SE: featurizer conv and inner conv."""
+  short_filter = True
+  inner_filter = True
+
+
+def _mlp_hyena_x_from_torch(t, dim, num_heads):
+  kernel_size, params = _filters_from_torch(t, ("short_filter",))
+  params.update({name: init.dense_from_torch(t, name) for name in ("in_proj", "out_proj")})
+  ratio = t["in_proj.weight"].shape[0] / (3 * dim)
+  return {"ratio": int(ratio) if ratio.is_integer() else ratio, "kernel_size": kernel_size}, params
+
+
+@register("mlp_hyena_x", "mlp", defaults={"ratio": 2, "kernel_size": 4},
+          torch_modules=("in_proj", "short_filter", "out_proj"), from_torch=_mlp_hyena_x_from_torch)
+class MLPHyenaX(nn.Module):
+  """Channel-mixing Hyena-X: in_proj D -> 3rD, causal conv along the features with one filter per token (its
+  parameters are sized by the sequence length seen at init), split q, k, v, y = q * (k * v), out_proj rD -> D.
+
+  As in the official module, the conv runs over the whole 3rD feature axis before the split, so the first K-1
+  features of k and v also see the last features of the chunk before them.
+  """
+  dim: int
+  ratio: float = 2
+  kernel_size: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = int(round(self.dim * self.ratio))
+    u = CausalConv(self.kernel_size, axis=2, name="short_filter")(init.dense(3 * hidden, "in_proj")(x))
+    q, k, v = jnp.split(u, 3, axis=-1)
+    return init.dense(self.dim, "out_proj")(q * (k * v))

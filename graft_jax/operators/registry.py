@@ -1,0 +1,76 @@
+"""The operator registry: name -> Flax module class, its site, its default config and its PyTorch importer.
+
+Every operator maps (B, N, D) -> (B, N, D). A DiT layer names its sequence mixer (site "attn") and its channel
+mixer (site "mlp") by registry name, so surgery only has to edit a name and a config dict.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import numpy as np
+
+SITES = ("attn", "mlp")
+
+# A torch importer gets the tensors under one operator's prefix (keys relative to it, e.g. "qkv.weight") as numpy
+# arrays, the model width and the teacher's head count, and returns (config, flax params) for that operator.
+TorchImporter = Callable[[Mapping[str, np.ndarray], int, int], "tuple[dict[str, Any], dict[str, Any]]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+  name: str
+  site: str                      # "attn" (sequence mixer) or "mlp" (channel mixer)
+  module: type[nn.Module]        # constructed as module(dim=D, **config)
+  defaults: Mapping[str, Any]
+  torch_modules: frozenset[str]  # the submodule names an official PyTorch checkpoint holds for it
+  from_torch: TorchImporter | None = None
+
+  def config(self, **overrides) -> dict[str, Any]:
+    unknown = set(overrides) - set(self.defaults)
+    if unknown:
+      raise ValueError(f"operator {self.name!r} has no option(s) {sorted(unknown)}; "
+                       f"its options are {sorted(self.defaults)}.")
+    return {**self.defaults, **overrides}
+
+
+_OPERATORS: dict[str, Operator] = {}
+
+
+def register(name: str, site: str, defaults: Mapping[str, Any], torch_modules=(), from_torch=None):
+  """Class decorator adding a Flax module to the registry under `name`."""
+  if site not in SITES:
+    raise ValueError(f"site must be one of {SITES}, got {site!r}")
+
+  def wrap(cls):
+    if name in _OPERATORS:
+      raise ValueError(f"operator {name!r} is registered twice")
+    _OPERATORS[name] = Operator(name, site, cls, dict(defaults), frozenset(torch_modules), from_torch)
+    return cls
+  return wrap
+
+
+def get(name: str) -> Operator:
+  try:
+    return _OPERATORS[name]
+  except KeyError:
+    raise ValueError(f"unknown operator {name!r}; known operators are {names()}.") from None
+
+
+def names(site: str | None = None) -> list[str]:
+  return sorted(n for n, op in _OPERATORS.items() if site is None or op.site == site)
+
+
+def build(name: str, dim: int, **config) -> nn.Module:
+  """The Flax module for operator `name` at width `dim`; unspecified options take the operator's defaults."""
+  op = get(name)
+  return op.module(dim=dim, **op.config(**config))
+
+
+def match_torch_modules(site: str, modules: frozenset[str]) -> Operator:
+  """The operator of `site` whose official PyTorch submodules are exactly `modules`."""
+  found = [op for op in _OPERATORS.values() if op.site == site and op.torch_modules == modules]
+  if len(found) != 1:
+    raise ValueError(f"no {site} operator has PyTorch submodules {sorted(modules)}")
+  return found[0]

@@ -1,0 +1,222 @@
+"""Mamba-2: selective state-space sequence mixer computed with the chunked SSD algorithm (Dao & Gu, 2024).
+
+Shapes in this file: b batch, n tokens, h heads, p head width, s state size, c chunks, l and m positions in a chunk.
+One group (ngroups = 1): B and C are shared by all heads, as in the grafting paper's Mamba-2.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graft_jax.operators import init
+from graft_jax.operators.registry import register
+
+_F32 = jnp.float32
+
+
+def causal_depthwise_conv(x, w, b):
+  """y_t = sum_j w[j] x_{t-K+1+j} + b per channel, zero left padding; x (B, N, C), w (K, C), b (C,).
+
+  Shift-and-add: K is tiny, so this fuses into one elementwise kernel with a cheap backward, unlike a grouped
+  convolution. Accumulates in float32 and returns the input dtype.
+  """
+  k, n = w.shape[0], x.shape[1]
+  padded = jnp.pad(x.astype(_F32), ((0, 0), (k - 1, 0), (0, 0)))
+  w = w.astype(_F32)
+  y = sum(padded[:, j:j + n] * w[j] for j in range(k)) + b.astype(_F32)
+  return y.astype(x.dtype)
+
+
+def ssd_reference(x, dt, A, B, C):
+  """Sequential SSD, the test oracle: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t (no D skip).
+
+  x (b, n, h, p), dt (b, n, h), A (h,), B and C (b, n, s); float32 result (b, n, h, p).
+  """
+  x, dt, A, B, C = (t.astype(_F32) for t in (x, dt, A, B, C))
+
+  def step(state, inputs):
+    x_t, dt_t, b_t, c_t = inputs
+    state = (jnp.exp(dt_t * A)[..., None, None] * state
+             + jnp.einsum("bhp,bs->bhps", x_t * dt_t[..., None], b_t))
+    return state, jnp.einsum("bhps,bs->bhp", state, c_t)
+
+  b, _, h, p = x.shape
+  state = jnp.zeros((b, h, p, B.shape[-1]), _F32)
+  _, y = jax.lax.scan(step, state, tuple(jnp.moveaxis(t, 1, 0) for t in (x, dt, B, C)))
+  return jnp.moveaxis(y, 0, 1)
+
+
+def _decay_matrix(a):
+  """exp(a_l - a_m) for m <= l, else 0, over the last axis of within-chunk cumulative log-decays a (..., l).
+
+  The exponent is masked to -inf BEFORE exp: above the diagonal a_l - a_m is a large positive number whose exp
+  overflows, and masking only the result would turn the backward pass into inf * 0 = NaN.
+  """
+  size = a.shape[-1]
+  causal = jnp.tril(jnp.ones((size, size), bool))
+  return jnp.exp(jnp.where(causal, a[..., :, None] - a[..., None, :], -jnp.inf))
+
+
+def _entering_states(states, log_decay):
+  """State entering each chunk from the chunks before it; states (b, c, h, p, s), log_decay (b, c, h).
+
+  A parallel (log-depth) scan of h_c = exp(log_decay_c) h_{c-1} + states_c. Each step multiplies by the exact decay
+  of its own chunk, so long sequences lose no precision (a difference of global cumulative sums would).
+  """
+  def combine(earlier, later):
+    (decay_e, state_e), (decay_l, state_l) = earlier, later
+    return decay_e + decay_l, jnp.exp(decay_l)[..., None, None] * state_e + state_l
+
+  _, after = jax.lax.associative_scan(combine, (log_decay, states), axis=1)
+  return jnp.pad(after[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size=64):
+  """The same map as `ssd_reference`, by chunks: quadratic attention-like form inside a chunk, recurrence across.
+
+  The tail is padded with dt = 0 (decay 1, no input), so padded steps are identities and never reach real outputs.
+  """
+  b, n, h, p = x.shape
+  size = min(chunk_size, n)
+  pad = -n % size
+  x, dt, B, C = (jnp.pad(t.astype(_F32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
+  c = (n + pad) // size
+  xdt = (x * dt[..., None]).reshape(b, c, size, h, p)
+  B, C = B.reshape(b, c, size, -1), C.reshape(b, c, size, -1)
+  a = jnp.cumsum(jnp.moveaxis((dt * A.astype(_F32)).reshape(b, c, size, h), 3, 2), axis=-1)  # (b, c, h, l)
+
+  mix = jnp.einsum("bcls,bcms->bclm", C, B)[:, :, None] * _decay_matrix(a)
+  y = jnp.einsum("bchlm,bcmhp->bclhp", mix, xdt)
+  states = jnp.einsum("bcls,bchl,bclhp->bchps", B, jnp.exp(a[..., -1:] - a), xdt)
+  entering = _entering_states(states, a[..., -1])
+  y = y + jnp.einsum("bcls,bchps,bchl->bclhp", C, entering, jnp.exp(a))
+  return y.reshape(b, c * size, h, p)[:, :n]
+
+
+def ssd_bidirectional(x, dt, A, B, C, chunk_size=64):
+  """Causal SSD plus the same SSD run over the reversed sequence, with the doubly counted diagonal removed.
+
+  The mixing matrix is the causal one (lower triangle and diagonal) plus its mirror strictly above the diagonal:
+  a quasiseparable matrix as in Hydra (Hwang et al., 2024), built from shared parameters. Both directions go
+  through one chunked SSD call, stacked along the batch.
+  """
+  b = x.shape[0]
+  both = ssd_chunked(*(jnp.concatenate([t, jnp.flip(t, 1)]) for t in (x, dt)), A,
+                     *(jnp.concatenate([t, jnp.flip(t, 1)]) for t in (B, C)), chunk_size=chunk_size)
+  diagonal = jnp.einsum("bns,bns,bnh,bnhp->bnhp", C.astype(_F32), B.astype(_F32), dt.astype(_F32),
+                        x.astype(_F32))
+  return both[:b] + jnp.flip(both[b:], 1) - diagonal
+
+
+def _a_log_init(key, shape, dtype=_F32):
+  """A = -exp(A_log) with A ~ U(1, 16), as mamba_ssm."""
+  return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+
+
+def _dt_bias_init(key, shape, dtype=_F32, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+  """Inverse softplus of dt log-uniform in [dt_min, dt_max] (floored), so softplus(dt_bias) starts there."""
+  log_dt = jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
+  dt = jnp.maximum(jnp.exp(log_dt), dt_floor)
+  return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class DepthwiseConv(nn.Module):
+  """Causal depthwise Conv1d with bias; PyTorch's default init U(+-1/sqrt(K)), which mamba_ssm keeps."""
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    bound = 1.0 / math.sqrt(self.width)
+    uniform = lambda key, shape, dtype=_F32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    kernel = self.param("kernel", uniform, (self.width, x.shape[-1]))
+    return causal_depthwise_conv(x, kernel, self.param("bias", uniform, (x.shape[-1],)))
+
+
+class GatedRMSNorm(nn.Module):
+  """mamba_ssm's RMSNormGated with norm_before_gate=False and one group: rmsnorm(y * silu(z)) * weight, in fp32."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, y, z):
+    weight = self.param("weight", nn.initializers.ones, (y.shape[-1],))
+    y = y.astype(_F32) * nn.silu(z.astype(_F32))
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+    return (y * weight.astype(_F32)).astype(z.dtype)
+
+
+def _mamba2_from_torch(t, dim, num_heads):
+  """Import mamba_ssm `Mamba2` weights.
+
+  Inferred from shapes: d_inner (out_proj input), nheads (A_log), headdim = d_inner / nheads, expand = d_inner / dim,
+  d_conv (conv1d kernel), d_state = (in_proj rows - 2 d_inner - nheads) / 2. Not recoverable from weights and
+  assumed: ngroups = 1 (only ngroups * d_state is visible), norm_before_gate = False, SiLU, no dt limit, zero initial
+  state; chunk_size and bidirectional are compute choices that keep their defaults (official runs are causal).
+  """
+  d_inner, nheads = t["out_proj.weight"].shape[1], t["A_log"].shape[0]
+  d_state, odd = divmod(t["in_proj.weight"].shape[0] - 2 * d_inner - nheads, 2)
+  problems = [
+      (odd or d_state <= 0, "in_proj's width is not 2*d_inner + 2*d_state + nheads (ngroups must be 1)"),
+      (d_inner % dim or d_inner % nheads, f"d_inner {d_inner} is not a multiple of both width {dim} and {nheads} heads"),
+      ("in_proj.bias" in t or "out_proj.bias" in t, "projection biases are not supported"),
+      ("conv1d.bias" not in t, "conv1d has no bias"),
+      (t["D"].shape != (nheads,), "D must hold one value per head (D_has_hdim=False)"),
+  ]
+  for failed, message in problems:
+    if failed:
+      raise ValueError(f"cannot import this Mamba2 checkpoint: {message}.")
+  config = {"d_state": d_state, "d_conv": t["conv1d.weight"].shape[-1], "expand": d_inner // dim,
+            "headdim": d_inner // nheads}
+  params = {
+      "in_proj": init.dense_from_torch(t, "in_proj"),
+      "conv1d": {"kernel": np.asarray(t["conv1d.weight"])[:, 0, :].T, "bias": np.asarray(t["conv1d.bias"])},
+      "dt_bias": np.asarray(t["dt_bias"]), "A_log": np.asarray(t["A_log"]), "D": np.asarray(t["D"]),
+      "norm": {"weight": np.asarray(t["norm.weight"])},
+      "out_proj": init.dense_from_torch(t, "out_proj"),
+  }
+  return config, params
+
+
+@register("mamba2", "attn",
+          defaults={"d_state": 64, "d_conv": 4, "expand": 2, "headdim": 16, "chunk_size": 64, "bidirectional": False},
+          torch_modules=("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj"),
+          from_torch=_mamba2_from_torch)
+class Mamba2(nn.Module):
+  """Mamba-2 block as mamba_ssm's `Mamba2` (ngroups 1, no projection bias, gated RMSNorm), causal by default.
+
+  `bidirectional=True` keeps every parameter (same count and checkpoint layout as the causal operator) and adds a
+  reversed scan: see `ssd_bidirectional`. Image tokens have no causal order, and sharing parameters lets a causal
+  checkpoint start a bidirectional one; the diagonal is counted once so the token's own term is the causal one's.
+  """
+  dim: int
+  d_state: int = 64
+  d_conv: int = 4
+  expand: int = 2
+  headdim: int = 16
+  chunk_size: int = 64
+  bidirectional: bool = False
+
+  @nn.compact
+  def __call__(self, u):
+    d_inner = self.expand * self.dim
+    if d_inner % self.headdim:
+      raise ValueError(f"d_inner {d_inner} is not divisible by headdim {self.headdim}")
+    nheads = d_inner // self.headdim
+    zxbcdt = init.dense(2 * d_inner + 2 * self.d_state + nheads, "in_proj", use_bias=False)(u)
+    z, xbc, dt = jnp.split(zxbcdt, [d_inner, 2 * d_inner + 2 * self.d_state], axis=-1)
+    xbc = nn.silu(DepthwiseConv(self.d_conv, name="conv1d")(xbc))
+    x, B, C = jnp.split(xbc, [d_inner, d_inner + self.d_state], axis=-1)
+    x = x.reshape(*x.shape[:2], nheads, self.headdim)
+
+    dt_bias = self.param("dt_bias", _dt_bias_init, (nheads,))
+    A = -jnp.exp(self.param("A_log", _a_log_init, (nheads,)).astype(_F32))
+    skip = self.param("D", nn.initializers.ones, (nheads,))
+    dt = jax.nn.softplus(dt.astype(_F32) + dt_bias.astype(_F32))
+    ssd = ssd_bidirectional if self.bidirectional else ssd_chunked
+    y = ssd(x, dt, A, B, C, chunk_size=self.chunk_size) + skip.astype(_F32)[:, None] * x.astype(_F32)
+
+    y = GatedRMSNorm(name="norm")(y.reshape(*y.shape[:2], d_inner), z)
+    return init.dense(self.dim, "out_proj", use_bias=False)(y)

@@ -1,0 +1,1 @@
+"""Samplers beyond the DDPM/DDIM loops of diffusion.py."""

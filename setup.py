@@ -1,0 +1,22 @@
+"""graft_jax: grafting pretrained diffusion transformers in JAX/Flax."""
+from setuptools import find_packages, setup
+
+TORCH = ["torch==2.13.0", "safetensors>=0.4"]
+
+setup(
+    name="graft_jax",
+    version="0.1.0",
+    description="Explore diffusion-transformer designs by grafting pretrained DiTs, in JAX/Flax.",
+    packages=find_packages(include=["graft_jax", "graft_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6", "flax>=0.10", "optax>=0.2", "orbax-checkpoint>=0.12", "ml-collections>=0.1",
+        "tensorflow-datasets>=4.9", "numpy>=1.26", "clu>=0.0.12", "absl-py", "pillow",
+        "scikit-learn>=1.3",  # ships the demo set (8x8 handwritten digits) inside the package
+    ],
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["diffusers==0.42.*", "pytest>=8", "pytest-xdist>=3", "scipy>=1.11",
+                         "tensorflow-cpu>=2.16"],
+    },
+)

@@ -1,0 +1,9 @@
+"""Test-wide JAX settings: CPU with 8 fake devices (for sharding tests) and exact float32 matmuls (for parity)."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")

@@ -17,6 +17,6 @@ setup(
     extras_require={
         "torch": TORCH,
         "test": TORCH + ["diffusers==0.42.*", "pytest>=8", "pytest-xdist>=3", "scipy>=1.11",
-                         "tensorflow-cpu>=2.16"],
+                         "tensorflow-cpu>=2.16", "tensorboard>=2.16"],
     },
 )

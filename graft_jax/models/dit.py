@@ -69,14 +69,15 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(c, 6, "adaLN_modulation")
-    x = x + gate_msa[:, None] * self.site("attn", modulate(layer_norm(x), shift_msa, scale_msa))
-    return x + gate_mlp[:, None] * self.site("mlp", modulate(layer_norm(x), shift_mlp, scale_mlp))
+    x = x + self.site("attn", modulate(layer_norm(x), shift_msa, scale_msa), gate_msa[:, None])
+    return x + self.site("mlp", modulate(layer_norm(x), shift_mlp, scale_mlp), gate_mlp[:, None])
 
-  def site(self, name: str, h):
+  def site(self, name: str, h, gate):
     self.sow("intermediates", f"{name}_in", h)
     out = self.spec.site(name).build(self.dim).clone(name=name, parent=self)(h)
     self.sow("intermediates", f"{name}_out", out)
-    return out
+    self.sow("intermediates", f"{name}_gate", gate)
+    return gate * out
 
 
 class FinalLayer(nn.Module):
@@ -120,6 +121,17 @@ class DiT(nn.Module):
     cond, uncond = jnp.split(out[..., :k], 2)
     guided = uncond + cfg_scale * (cond - uncond)
     return jnp.concatenate([jnp.concatenate([guided, guided]), out[..., k:]], axis=-1)
+
+
+def capture(model: DiT, params, x, t, y, sites):
+  """One forward pass -> (output, {(layer, site): (operator input, operator output, gate)}) for the given sites.
+
+  The input is after adaLN modulation, the output before the gate; the gate is (B, 1, D). Under jit, activations of
+  sites not asked for are never materialised.
+  """
+  out, state = model.apply({"params": params}, x, t, y, mutable=["intermediates"])
+  inter = state["intermediates"]
+  return out, {(i, s): tuple(inter[f"blocks_{i}"][f"{s}_{k}"][0] for k in ("in", "out", "gate")) for i, s in sites}
 
 
 def init_params(config: DiTConfig, key: jax.Array):

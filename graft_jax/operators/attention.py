@@ -103,12 +103,48 @@ def neighbourhood_attention(q, k, v, window: int, grid: tuple[int, int] | None =
   return out.astype(q.dtype)
 
 
+def tiled_band_attention(q, k, v, window: int, tile: int = 16):
+  """The same 1-D band attention as `neighbourhood_attention`, as batched matmuls over tiles of queries.
+
+  Each tile of `tile` queries meets the tile + 2 * window keys around it (the halo comes from the neighbouring
+  tiles by static slices), so the work is O(N * (tile + 2w)) and runs on tensor cores; the band and the sequence
+  ends are masked per tile. Faster than the shifts on an H200 (bf16, w=4: 1.4 vs 1.8 ms forward + backward at
+  B=2, N=16384, 16 heads of 72).
+  """
+  b, n, h, d = q.shape
+  w = min(window, n - 1)
+  t = max(tile, 2 * w)  # a tile's right halo must fit in the next tile
+  nt = -(-n // t)
+  # Heads before tokens so that (batch, head, tile) is a plain batch of small matmuls.
+  heads_first = lambda x, lo: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (lo, (nt + 1) * t - n - lo), (0, 0)))
+  def halo_tiles(x):
+    xt = heads_first(x, w).reshape(b, h, nt + 1, t, d)
+    return jnp.concatenate([xt[:, :, :-1], xt[:, :, 1:, :2 * w]], axis=3)
+  qt = heads_first(q, 0)[:, :, :nt * t].reshape(b, h, nt, t, d)
+  logits = jnp.einsum("bhtqd,bhtkd->bhtqk", qt, halo_tiles(k), preferred_element_type=jnp.float32) / np.sqrt(d)
+  rel = jnp.arange(t + 2 * w) - w  # key position relative to the tile start
+  key_pos = jnp.arange(nt)[:, None] * t + rel
+  valid = (jnp.abs(rel - jnp.arange(t)[:, None]) <= w) & ((key_pos >= 0) & (key_pos < n))[:, None, :]
+  # Finite: padding queries past the end may see no key, and -inf there would put NaNs into dk and dv.
+  logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhtqk,bhtkd->bhtqd", probs, halo_tiles(v), preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out.reshape(b, h, nt * t, d)[:, :, :n], 1, 2).astype(q.dtype)
+
+
+SWA_BACKENDS = ("auto", "tiled", "shift")
+
+
 @register("swa", "attn", defaults={"num_heads": 16, "window": 4, "grid": None, "backend": "auto"},
           torch_modules=("Wqkv", "out_proj"), from_torch=torch_fused_qkv("Wqkv", "out_proj"))
 class SlidingWindowAttention(nn.Module):
-  """MHA (DiT's projections) where each token attends only to its neighbours: see `neighbourhood_attention`.
+  """MHA (DiT's projections) where each token attends only to its neighbours within `window`.
 
   The default is the grafting paper's SWA: window 4 on the raster-flattened sequence (9 keys, bidirectional).
+  `grid` (h, w) switches to the 2-D neighbourhood on the token grid (Chebyshev distance <= window).
+  `backend` picks the formulation: "tiled" (`tiled_band_attention`, 1-D only), "shift"
+  (`neighbourhood_attention`), or "auto": tiled for 1-D windows, shifts for the 2-D one. cuDNN is no option here:
+  its sliding window is causal only.
   """
   dim: int
   num_heads: int = 16
@@ -120,6 +156,13 @@ class SlidingWindowAttention(nn.Module):
   def __call__(self, x):
     if self.dim % self.num_heads:
       raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
+    if self.backend not in SWA_BACKENDS:
+      raise ValueError(f"SWA backend must be one of {SWA_BACKENDS}, got {self.backend!r}")
+    if self.backend == "tiled" and self.grid is not None:
+      raise ValueError("the tiled SWA backend runs 1-D windows only; use 'shift' (or 'auto') with a grid")
     q, k, v = split_heads(init.dense(3 * self.dim, "qkv")(x), self.num_heads)
-    y = neighbourhood_attention(q, k, v, self.window, self.grid)
+    if self.grid is None and self.backend != "shift":
+      y = tiled_band_attention(q, k, v, self.window)
+    else:
+      y = neighbourhood_attention(q, k, v, self.window, self.grid)
     return init.dense(self.dim, "proj")(y.reshape(x.shape))

@@ -13,22 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
+from graft_jax.operators.hyena import CausalConv
 from graft_jax.operators.registry import register
 
 _F32 = jnp.float32
-
-
-def causal_depthwise_conv(x, w, b):
-  """y_t = sum_j w[j] x_{t-K+1+j} + b per channel, zero left padding; x (B, N, C), w (K, C), b (C,).
-
-  Shift-and-add: K is tiny, so this fuses into one elementwise kernel with a cheap backward, unlike a grouped
-  convolution. Accumulates in float32 and returns the input dtype.
-  """
-  k, n = w.shape[0], x.shape[1]
-  padded = jnp.pad(x.astype(_F32), ((0, 0), (k - 1, 0), (0, 0)))
-  w = w.astype(_F32)
-  y = sum(padded[:, j:j + n] * w[j] for j in range(k)) + b.astype(_F32)
-  return y.astype(x.dtype)
 
 
 def ssd_reference(x, dt, A, B, C):
@@ -87,13 +75,14 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64):
   c = (n + pad) // size
   xdt = (x * dt[..., None]).reshape(b, c, size, h, p)
   B, C = B.reshape(b, c, size, -1), C.reshape(b, c, size, -1)
-  a = jnp.cumsum(jnp.moveaxis((dt * A.astype(_F32)).reshape(b, c, size, h), 3, 2), axis=-1)  # (b, c, h, l)
+  a = jnp.cumsum((dt * A.astype(_F32)).reshape(b, c, size, h), axis=2)  # log-decay from chunk start, (b, c, l, h)
 
-  mix = jnp.einsum("bcls,bcms->bclm", C, B)[:, :, None] * _decay_matrix(a)
+  mix = jnp.einsum("bcls,bcms->bclm", C, B)[:, :, None] * _decay_matrix(jnp.moveaxis(a, 3, 2))
   y = jnp.einsum("bchlm,bcmhp->bclhp", mix, xdt)
-  states = jnp.einsum("bcls,bchl,bclhp->bchps", B, jnp.exp(a[..., -1:] - a), xdt)
-  entering = _entering_states(states, a[..., -1])
-  y = y + jnp.einsum("bcls,bchps,bchl->bclhp", C, entering, jnp.exp(a))
+  # Decays scale the (b, c, l, h, p) operands elementwise, so each contraction is one matmul batched over chunks.
+  states = jnp.einsum("bcls,bclhp->bchps", B, xdt * jnp.exp(a[:, :, -1:] - a)[..., None])
+  entering = _entering_states(states, a[:, :, -1])
+  y = y + jnp.einsum("bcls,bchps->bclhp", C, entering) * jnp.exp(a)[..., None]
   return y.reshape(b, c * size, h, p)[:, :n]
 
 
@@ -124,18 +113,6 @@ def _dt_bias_init(key, shape, dtype=_F32, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4
   return dt + jnp.log(-jnp.expm1(-dt))
 
 
-class DepthwiseConv(nn.Module):
-  """Causal depthwise Conv1d with bias; PyTorch's default init U(+-1/sqrt(K)), which mamba_ssm keeps."""
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    bound = 1.0 / math.sqrt(self.width)
-    uniform = lambda key, shape, dtype=_F32: jax.random.uniform(key, shape, dtype, -bound, bound)
-    kernel = self.param("kernel", uniform, (self.width, x.shape[-1]))
-    return causal_depthwise_conv(x, kernel, self.param("bias", uniform, (x.shape[-1],)))
-
-
 class GatedRMSNorm(nn.Module):
   """mamba_ssm's RMSNormGated with norm_before_gate=False and one group: rmsnorm(y * silu(z)) * weight, in fp32."""
   eps: float = 1e-5
@@ -160,8 +137,9 @@ def _mamba2_from_torch(t, dim, num_heads):
   d_state, odd = divmod(t["in_proj.weight"].shape[0] - 2 * d_inner - nheads, 2)
   problems = [
       (odd or d_state <= 0, "in_proj's width is not 2*d_inner + 2*d_state + nheads (ngroups must be 1)"),
-      (d_inner % dim or d_inner % nheads, f"d_inner {d_inner} is not a multiple of both width {dim} and {nheads} heads"),
+      (d_inner % dim or d_inner % nheads, f"d_inner {d_inner} is not a multiple of width {dim} and {nheads} heads"),
       ("in_proj.bias" in t or "out_proj.bias" in t, "projection biases are not supported"),
+      (t["conv1d.weight"].shape[0] != d_inner + 2 * d_state, "conv1d's channels are not d_inner + 2*d_state"),
       ("conv1d.bias" not in t, "conv1d has no bias"),
       (t["D"].shape != (nheads,), "D must hold one value per head (D_has_hdim=False)"),
   ]
@@ -207,7 +185,7 @@ class Mamba2(nn.Module):
     nheads = d_inner // self.headdim
     zxbcdt = init.dense(2 * d_inner + 2 * self.d_state + nheads, "in_proj", use_bias=False)(u)
     z, xbc, dt = jnp.split(zxbcdt, [d_inner, 2 * d_inner + 2 * self.d_state], axis=-1)
-    xbc = nn.silu(DepthwiseConv(self.d_conv, name="conv1d")(xbc))
+    xbc = nn.silu(CausalConv(self.d_conv, name="conv1d")(xbc))
     x, B, C = jnp.split(xbc, [d_inner, d_inner + self.d_state], axis=-1)
     x = x.reshape(*x.shape[:2], nheads, self.headdim)
 

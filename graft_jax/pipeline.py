@@ -1,24 +1,43 @@
-"""The main job: the stages a config lists, in order, each recorded as done in the workdir so a rerun resumes."""
+"""The main job: the stages a config lists (distill -> finetune -> sample), in order, each recorded as done in the
+workdir so a rerun resumes at the first unfinished one (and inside it, at its last checkpoint).
+
+Workdir layout: config.json; graft_summary.md/.json; stage1/ (scions, results.json); student/ (the fine-tuned
+model, EMA weights, loadable with graft_jax.checkpoints.load); samples.png, samples.npz; stages/NAME.json markers;
+distill/ and finetune/ (checkpoints and metrics).
+"""
 from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import time
 
 import jax
 import numpy as np
 
-from graft_jax import checkpoints
+from graft_jax import checkpoints, graft
+from graft_jax.data.arrays import ArrayIterator
+from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.models import DiT, dit_config, init_params
-from graft_jax.sample import generate, make_sampler, sample_labels, save_grid, save_npz, to_uint8
+from graft_jax.sample import generate, make_sampler, sample_labels, save_npz
+from graft_jax.train import distill, finetune
 
 
 class UserError(Exception):
   """A problem the user can fix (missing file, bad config); main prints it as one sentence."""
 
 
-def load_model(config):
-  """(model, params): a converted checkpoint when `model.checkpoint` is set, else a fresh model of `model.preset`."""
+def teacher_config(config):
+  if config.model.checkpoint:
+    try:
+      return checkpoints.load_config(config.model.checkpoint)
+    except FileNotFoundError as e:
+      raise UserError(str(e)) from None
+  return dit_config(config.model.preset, **config.model.overrides)
+
+
+def load_teacher(config):
+  """(model, params): the converted checkpoint `model.checkpoint`, or a fresh `model.preset` when it is empty."""
   if config.model.checkpoint:
     try:
       return checkpoints.load(config.model.checkpoint)
@@ -28,8 +47,68 @@ def load_model(config):
   return DiT(cfg), init_params(cfg, jax.random.key(config.seed))
 
 
-def stage_sample(config, workdir: pathlib.Path, state: dict) -> dict:
-  model, params = state.get("model") or load_model(config)
+def load_arrays(config, which: str) -> dict[str, np.ndarray]:
+  """{"x", "y"} for stage `which` ("distill" or "finetune")."""
+  if config.data.source == "demo":
+    from graft_jax.data.demo import load_demo
+    x, y = load_demo("train")
+    return {"x": x, "y": y}
+  if config.data.source != "npz":
+    raise UserError(f"data.source must be 'npz' or 'demo', got {config.data.source!r}.")
+  path = pathlib.Path(config.data[f"{which}_path"])
+  if not path.exists():
+    raise UserError(f"{path} does not exist; it should hold arrays x (N, H, W, C) latents and y (N,) labels.")
+  with np.load(path) as f:
+    return {"x": f["x"].astype(np.float32), "y": f["y"].astype(np.int32)}
+
+
+def plan(config, teacher_config):
+  try:
+    return graft.parse_plan(config.graft, teacher_config)
+  except graft.PlanError as e:
+    raise UserError(str(e)) from None
+
+
+def stage_distill(config, workdir: pathlib.Path) -> dict:
+  teacher, teacher_params = load_teacher(config)
+  edits = plan(config, teacher.config)
+  student, student_params = graft.graft(teacher.config, teacher_params, edits, jax.random.key(config.seed))
+  arrays = load_arrays(config, "distill")
+  held = config.data.heldout
+  if held >= len(arrays["y"]):
+    raise UserError(f"data.heldout ({held}) leaves no training data out of {len(arrays['y'])} samples.")
+  train = ArrayIterator({k: v[held:] for k, v in arrays.items()}, config.distill.batch_size, config.seed)
+  heldout = [{k: v[i:i + config.distill.batch_size] for k, v in arrays.items()}
+             for i in range(0, held - config.distill.batch_size + 1, config.distill.batch_size)]
+  c = distill.resolve_schedule(config.distill, train.batches_per_epoch)
+  scions, errors = distill.run_distill(c, teacher, teacher_params, student, student_params, graft.sites(edits),
+                                       train, heldout, workdir / "distill")
+  distill.save_scions(workdir / "stage1", scions, {"heldout_relative_error": errors, "steps": c.steps})
+  return {"heldout_relative_error": errors, "steps": c.steps}
+
+
+def student_from_stage1(config, workdir: pathlib.Path, teacher, teacher_params):
+  """The grafted student: scions from stage 1 when it ran here, otherwise the plan's own init."""
+  edits = plan(config, teacher.config)
+  if (workdir / "stage1").exists():
+    edits = tuple(graft.Edit(e.site, e.layers, e.op, str(workdir / "stage1")) for e in edits)
+  return graft.graft(teacher.config, teacher_params, edits, jax.random.key(config.seed))
+
+
+def stage_finetune(config, workdir: pathlib.Path) -> dict:
+  teacher, teacher_params = load_teacher(config)
+  student, params = student_from_stage1(config, workdir, teacher, teacher_params)
+  arrays = load_arrays(config, "finetune")
+  data = ArrayIterator(arrays, config.finetune.batch_size, config.seed + 1)
+  out = finetune.run_finetune(config.finetune, DiT(student), params, data, workdir,
+                              teacher=(teacher, teacher_params) if "teacher" in config.finetune.loss else None)
+  shutil.rmtree(workdir / "student", ignore_errors=True)  # a run stopped after the export but before its marker
+  checkpoints.save(workdir / "student", student, jax.device_get(out["ema"]))
+  return {"steps": out["step"], "student": "student"}
+
+
+def stage_sample(config, workdir: pathlib.Path) -> dict:
+  model, params = checkpoints.load(workdir / "student") if (workdir / "student").exists() else load_teacher(config)
   s = config.sample
   labels = sample_labels(model.config.num_classes, s.per_class)
   run = make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels)
@@ -40,12 +119,12 @@ def stage_sample(config, workdir: pathlib.Path, state: dict) -> dict:
     print(f"sample: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f} s", flush=True)
 
   images = to_uint8(generate(run, params, labels, jax.random.key(s.seed), s.batch_size, progress))
-  save_grid(images, workdir / "samples.png", nrow=s.per_class if s.per_class > 1 else 10)
+  save_grid(images, workdir / "samples.png", nrow=max(s.per_class, 10) if s.per_class > 1 else 10)
   save_npz(images, labels, workdir / "samples.npz")
   return {"images": int(len(images)), "grid": "samples.png", "npz": "samples.npz"}
 
 
-STAGES = {"sample": stage_sample}
+STAGES = {"distill": stage_distill, "finetune": stage_finetune, "sample": stage_sample}
 
 
 def run(config, workdir) -> None:
@@ -53,16 +132,22 @@ def run(config, workdir) -> None:
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise UserError(f"unknown stage(s) {unknown}; known stages are {sorted(STAGES)}.")
+  if config.graft:  # a bad plan or a missing teacher fails here, before any weight is loaded or step taken
+    teacher = teacher_config(config)
+    summary = graft.summary(teacher, graft.student_config(teacher, plan(config, teacher)))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "graft_summary.json").write_text(json.dumps(summary, indent=1))
+    (workdir / "graft_summary.md").write_text(graft.format_summary(summary) + "\n")
+    print(graft.format_summary(summary).splitlines()[-1], flush=True)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-  state: dict = {}
   for name in config.stages:
     marker = workdir / "stages" / f"{name}.json"
     if marker.exists():
       print(f"{name}: already done ({marker})")
       continue
     print(f"{name}: starting", flush=True)
-    result = STAGES[name](config, workdir, state)
+    result = STAGES[name](config, workdir)
     marker.parent.mkdir(exist_ok=True)
     marker.write_text(json.dumps(result, indent=1, default=lambda o: np.asarray(o).tolist()))
     print(f"{name}: done -> {marker}", flush=True)

@@ -1,13 +1,13 @@
-"""The sample stage: class-conditional DDPM or DDIM sampling with CFG from a DiT, to a PNG grid and an ADM-style .npz."""
+"""Class-conditional DDPM or DDIM sampling with CFG from a DiT, batched, to an ADM-style .npz."""
 from __future__ import annotations
 
+import os
 import pathlib
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from graft_jax.diffusion import cfg_model_fn, make_diffusion
 
@@ -50,33 +50,16 @@ def generate(run, params, labels: np.ndarray, key, batch_size: int, progress=Non
   return np.concatenate(out)
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] NHWC -> uint8 NHWC with 3 channels (grey images repeated), as the ADM evaluator expects."""
-  x = np.clip(np.rint((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-  return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-
-def _atomic(path: pathlib.Path, write) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-  with open(fd, "wb") as f:
-    write(f)
-  pathlib.Path(tmp).rename(path)
-  return path
-
-
-def save_grid(images_uint8: np.ndarray, path, nrow: int, pad: int = 2) -> pathlib.Path:
-  n, h, w, c = images_uint8.shape
-  rows = -(-n // nrow)
-  grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-  for i, img in enumerate(images_uint8):
-    r, col = divmod(i, nrow)
-    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
-  scale = max(1, 256 // max(h, w))  # small images are enlarged so the grid is readable
-  image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-  return _atomic(pathlib.Path(path), lambda f: image.save(f, format="PNG"))
-
-
 def save_npz(images_uint8: np.ndarray, labels: np.ndarray, path) -> pathlib.Path:
-  """ADM evaluator format: arr_0 = uint8 images NHWC; arr_1 = labels."""
-  return _atomic(pathlib.Path(path), lambda f: np.savez(f, arr_0=images_uint8, arr_1=labels))
+  """ADM evaluator format: arr_0 = uint8 images NHWC, arr_1 = labels; written atomically."""
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.savez(f, arr_0=images_uint8, arr_1=labels)
+    os.replace(tmp, out)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return out

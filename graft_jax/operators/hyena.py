@@ -100,17 +100,17 @@ class _Hyena(nn.Module):
   on u, y = q * u, out_proj D -> D."""
   dim: int
   kernel_size: int = 4
-  short_filter: ClassVar[bool] = False
-  inner_filter: ClassVar[bool] = False
+  has_short_filter: ClassVar[bool] = False
+  has_inner_filter: ClassVar[bool] = False
 
   @nn.compact
   def __call__(self, x):
     u = init.dense(3 * self.dim, "in_proj")(x)
-    if self.short_filter:
+    if self.has_short_filter:
       u = CausalConv(self.kernel_size, name="short_filter")(u)
     q, k, v = jnp.split(u, 3, axis=-1)
     u = k * v
-    if self.inner_filter:
+    if self.has_inner_filter:
       u = CausalConv(self.kernel_size, identity_init=True, name="inner_filter")(u)
     return init.dense(self.dim, "out_proj")(q * u)
 
@@ -119,14 +119,14 @@ class _Hyena(nn.Module):
           from_torch=_hyena_importer(("short_filter",)))
 class HyenaX(_Hyena):
   """Hyena-X: featurizer conv only."""
-  short_filter = True
+  has_short_filter = True
 
 
 @register("hyena_y", "attn", defaults={"kernel_size": 4}, torch_modules=("in_proj", "inner_filter", "out_proj"),
           from_torch=_hyena_importer(("inner_filter",)))
 class HyenaY(_Hyena):
   """Hyena-Y: inner conv on k * v only."""
-  inner_filter = True
+  has_inner_filter = True
 
 
 @register("hyena_se", "attn", defaults={"kernel_size": 4},
@@ -134,15 +134,14 @@ class HyenaY(_Hyena):
           from_torch=_hyena_importer(("short_filter", "inner_filter")))
 class HyenaSE(_Hyena):
   """Hyena-SE: featurizer conv and inner conv."""
-  short_filter = True
-  inner_filter = True
+  has_short_filter = True
+  has_inner_filter = True
 
 
 def _mlp_hyena_x_from_torch(t, dim, num_heads):
-  kernel_size, params = _filters_from_torch(t, ("short_filter",))
-  params.update({name: init.dense_from_torch(t, name) for name in ("in_proj", "out_proj")})
+  config, params = _hyena_importer(("short_filter",))(t, dim, num_heads)
   ratio = t["in_proj.weight"].shape[0] / (3 * dim)
-  return {"ratio": int(ratio) if ratio.is_integer() else ratio, "kernel_size": kernel_size}, params
+  return {**config, "ratio": int(ratio) if ratio.is_integer() else ratio}, params
 
 
 @register("mlp_hyena_x", "mlp", defaults={"ratio": 2, "kernel_size": 4},

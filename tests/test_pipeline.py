@@ -1,0 +1,65 @@
+"""configs/*.py and the main job: every paper configuration builds a valid plan; a shrunk one runs end to end."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import importlib.util
+
+import pytest
+
+from graft_jax import graft
+from graft_jax.models import dit_config
+from graft_jax.pipeline import teacher_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAPER = ["swa", "hyena_x", "hyena_y", "hyena_se", "mamba2", "mlp_r3", "mlp_r6", "mlp_hyena_x", "self_mha",
+         "self_mlp"]
+
+
+def load(name, arg=""):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"dit_xl2_{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+@pytest.mark.parametrize("name", PAPER)
+@pytest.mark.parametrize("ratio", [50, 75, 100])
+def test_paper_configs_build_valid_plans(name, ratio):
+  c = load(name, f"ratio={ratio}")
+  teacher = dit_config("DiT-XL/2")
+  edits = graft.parse_plan(c.graft, teacher)
+  assert sum(len(e.layers) for e in edits) == {50: 14, 75: 21, 100: 28}[ratio]
+  small = load(name, f"ratio={ratio},shrink=1")
+  graft.parse_plan(small.graft, teacher_config(small))
+
+
+def test_bad_config_argument():
+  with pytest.raises(ValueError, match="ratio must be one of"):
+    load("swa", "ratio=60")
+
+
+def main(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "graft_jax.main", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_missing_teacher_names_the_conversion_command(tmp_path):
+  proc = main(f"--config={ROOT}/configs/dit_xl2_swa.py", f"--workdir={tmp_path}/run", cwd=tmp_path)
+  assert proc.returncode == 2
+  assert "convert_torch_weights.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shrunk_experiment_runs_end_to_end_and_resumes(tmp_path):
+  args = (f"--config={ROOT}/configs/dit_xl2_hyena_x.py:shrink=1", f"--workdir={tmp_path}/run")
+  proc = main(*args, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  run = tmp_path / "run"
+  for name in ("graft_summary.md", "stage1/results.json", "student/config.json", "samples.png", "samples.npz"):
+    assert (run / name).exists(), name
+  errors = json.loads((run / "stages" / "distill.json").read_text())["heldout_relative_error"]
+  assert set(errors) == {"blocks_1/attn", "blocks_3/attn"}
+  student = json.loads((run / "student" / "config.json").read_text())
+  assert [layer["attn"]["name"] for layer in student["layers"]] == ["mha", "hyena_x", "mha", "hyena_x"]
+  again = main(*args, cwd=tmp_path)
+  assert again.returncode == 0 and again.stdout.count("already done") == 3

@@ -167,7 +167,7 @@ def test_loss_decreases_and_metrics_are_written(dit, arrays, tmp_path):
   assert [row["step"] for row in rows] == list(range(1, 31))
   assert {"loss", "mse", "vb", "grad_norm", "param_norm", "lr", "steps_per_sec", "eta_seconds"} <= set(rows[0])
   losses = [row["loss"] for row in rows]
-  assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
   assert rows[0]["lr"] == pytest.approx(5e-4) and rows[-1]["lr"] == pytest.approx(1e-3)
   assert rows[-1]["eta_seconds"] == 0
   assert result["step"] == 30

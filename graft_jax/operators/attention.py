@@ -11,11 +11,14 @@ from graft_jax.operators.registry import register
 
 
 def attention_backend(requested: str, dtype) -> str:
-  """cuDNN's fused attention is the fast path on NVIDIA GPUs but only takes 16-bit inputs; XLA elsewhere."""
+  """cuDNN's fused attention is the fast path on NVIDIA GPUs but only takes 16-bit inputs, so float32 calls (a
+  float32 init, a parity test) run XLA whatever was asked; "auto" picks cuDNN on GPU for 16-bit inputs."""
+  sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if requested == "cudnn" and not sixteen_bit:
+    return "xla"
   if requested != "auto":
     return requested
-  on_gpu = jax.default_backend() == "gpu"
-  return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
 
 
 def split_heads(qkv: jax.Array, num_heads: int):
@@ -46,7 +49,7 @@ class MultiHeadAttention(nn.Module):
     if self.dim % self.num_heads:
       raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
     q, k, v = split_heads(init.dense(3 * self.dim, "qkv")(x), self.num_heads)
-    y = jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(self.backend, x.dtype))
+    y = jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(self.backend, q.dtype))
     return init.dense(self.dim, "proj")(y.reshape(x.shape))
 
 

@@ -6,6 +6,7 @@ a non-finite value in any of them stops the run before the next checkpoint could
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import pathlib
@@ -43,7 +44,12 @@ def summary_writer(logdir: pathlib.Path):
                     " and ".join(missing), logdir / "metrics.jsonl")
     return None
   # Imported here: it loads tensorflow, seconds of start-up that runs without summaries need not pay.
+  import tensorflow as tf
   from clu import metric_writers
+  # TensorFlow only writes event files here; left alone it would reserve GPU memory that JAX needs. Once TF's runtime
+  # is up (a tf.data pipeline started first) the devices can no longer change, and that pipeline owns this choice.
+  with contextlib.suppress(RuntimeError):
+    tf.config.set_visible_devices([], "GPU")
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(logdir)))
 
 

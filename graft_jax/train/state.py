@@ -37,7 +37,7 @@ def lr_schedule(config) -> optax.Schedule:
   milestones = tuple(int(m) for m in config.get("lr_milestones", ()))
 
   def schedule(count):
-    # count + 1: the first update already moves the weights, as torch's LambdaLR warm-up does.
+    # count + 1: the first update already moves the weights (a ramp from 0 would waste the first step).
     ramp = jnp.minimum(1.0, (count + 1) / warmup)
     halvings = sum(jnp.where(count >= m, 1.0, 0.0) for m in milestones)
     return config.lr * ramp * 0.5 ** halvings

@@ -1,0 +1,45 @@
+"""Shared benchmark plumbing: median device time of a jitted function, and a results file that says how it was made."""
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def median_ms(fn, *args, warmup: int = 2, iters: int = 10) -> float:
+  """Median wall time of fn(*args) in ms, each call synchronised (block_until_ready), after compile + warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times) * 1e3)
+
+
+def machine() -> dict:
+  gpu = ""
+  try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return {"devices": [str(d) for d in jax.devices()], "gpu": gpu, "jax": jax.__version__,
+          "python": platform.python_version(), "host": platform.node()}
+
+
+def write_results(name: str, rows: list[dict], extra: dict | None = None, out_dir: str = "benchmarks/results"):
+  record = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "machine": machine(), **(extra or {}), "rows": rows}
+  path = pathlib.Path(out_dir) / f"{name}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(record, indent=1))
+  return path

@@ -13,6 +13,8 @@ setup(
         "jax>=0.6", "flax>=0.10", "optax>=0.2", "orbax-checkpoint>=0.12", "ml-collections>=0.1",
         "tensorflow-datasets>=4.9", "numpy>=1.26", "clu>=0.0.12", "absl-py", "pillow",
         "scikit-learn>=1.3",  # ships the demo set (8x8 handwritten digits) inside the package
+        "matplotlib>=3.7",  # the demo report's loss plots
+        "importlib_resources",  # tensorflow-datasets needs it to prepare imagenet2012
     ],
     extras_require={
         "torch": TORCH,

@@ -5,6 +5,7 @@ with one sentence and exit status 2.
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import app, flags
@@ -18,8 +19,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics, sam
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietCheckpointing(logging.Filter):
+  """orbax logs every file operation at INFO; the run's own progress lines are what a user needs to see."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.getLogger("absl").addFilter(_QuietCheckpointing())
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except pipeline.UserError as e:

@@ -48,16 +48,26 @@ def load_teacher(config):
 
 
 def load_arrays(config, which: str) -> dict[str, np.ndarray]:
-  """{"x", "y"} for stage `which` ("distill" or "finetune")."""
-  if config.data.source == "demo":
+  """{"x", "y"} for stage `which` ("distill" or "finetune") from config.data: "demo" (the embedded digits),
+  "latents" (a shard folder of graft_jax.data.latents) or "npz" (one file with arrays x and y)."""
+  source = config.data.source
+  if source == "demo":
     from graft_jax.data.demo import load_demo
     x, y = load_demo("train")
     return {"x": x, "y": y}
-  if config.data.source != "npz":
-    raise UserError(f"data.source must be 'npz' or 'demo', got {config.data.source!r}.")
+  if source not in ("latents", "npz"):
+    raise UserError(f"data.source must be 'demo', 'latents' or 'npz', got {source!r}.")
   path = pathlib.Path(config.data[f"{which}_path"])
   if not path.exists():
-    raise UserError(f"{path} does not exist; it should hold arrays x (N, H, W, C) latents and y (N,) labels.")
+    raise UserError(f"{path} does not exist; make it with `python -m graft_jax.data.cli encode ...`."
+                    if source == "latents" else
+                    f"{path} does not exist; it should hold arrays x (N, H, W, C) latents and y (N,) labels.")
+  if source == "latents":
+    from graft_jax.data.latents import DataError, load_latents
+    try:
+      return load_latents(path, resolution=config.data.get("resolution"))
+    except DataError as e:
+      raise UserError(str(e)) from None
   with np.load(path) as f:
     return {"x": f["x"].astype(np.float32), "y": f["y"].astype(np.int32)}
 
@@ -107,19 +117,24 @@ def stage_finetune(config, workdir: pathlib.Path) -> dict:
   return {"steps": out["step"], "student": "student"}
 
 
-def stage_sample(config, workdir: pathlib.Path) -> dict:
-  model, params = checkpoints.load(workdir / "student") if (workdir / "student").exists() else load_teacher(config)
-  s = config.sample
+def sample_images(model, params, s, progress_name: str = "sample"):
+  """(uint8 images, labels): `s.per_class` samples of every class with the sampler settings in `s`."""
   labels = sample_labels(model.config.num_classes, s.per_class)
   run = make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels)
   start = time.time()
 
   def progress(done, total):
     rate = done / (time.time() - start)
-    print(f"sample: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f} s", flush=True)
+    print(f"{progress_name}: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f} s", flush=True)
 
-  images = to_uint8(generate(run, params, labels, jax.random.key(s.seed), s.batch_size, progress))
-  save_grid(images, workdir / "samples.png", nrow=max(s.per_class, 10) if s.per_class > 1 else 10)
+  return to_uint8(generate(run, params, labels, jax.random.key(s.seed), s.batch_size, progress)), labels
+
+
+def stage_sample(config, workdir: pathlib.Path) -> dict:
+  model, params = checkpoints.load(workdir / "student") if (workdir / "student").exists() else load_teacher(config)
+  images, labels = sample_images(model, params, config.sample)
+  per_row = config.sample.per_class
+  save_grid(images, workdir / "samples.png", nrow=per_row if 1 < per_row <= 16 else 10)
   save_npz(images, labels, workdir / "samples.npz")
   return {"images": int(len(images)), "grid": "samples.png", "npz": "samples.npz"}
 
@@ -127,11 +142,18 @@ def stage_sample(config, workdir: pathlib.Path) -> dict:
 STAGES = {"distill": stage_distill, "finetune": stage_finetune, "sample": stage_sample}
 
 
+def stage_registry() -> dict:
+  """Every stage by name: the grafting stages here and the demo's own (teacher, compare, report)."""
+  from graft_jax import demo  # demo builds on this module
+  return {**STAGES, **demo.STAGES}
+
+
 def run(config, workdir) -> None:
   workdir = pathlib.Path(workdir)
-  unknown = [s for s in config.stages if s not in STAGES]
+  stages = stage_registry()
+  unknown = [s for s in config.stages if s not in stages]
   if unknown:
-    raise UserError(f"unknown stage(s) {unknown}; known stages are {sorted(STAGES)}.")
+    raise UserError(f"unknown stage(s) {unknown}; known stages are {sorted(stages)}.")
   if config.graft:  # a bad plan or a missing teacher fails here, before any weight is loaded or step taken
     teacher = teacher_config(config)
     summary = graft.summary(teacher, graft.student_config(teacher, plan(config, teacher)))
@@ -147,7 +169,7 @@ def run(config, workdir) -> None:
       print(f"{name}: already done ({marker})")
       continue
     print(f"{name}: starting", flush=True)
-    result = STAGES[name](config, workdir)
+    result = stages[name](config, workdir)
     marker.parent.mkdir(exist_ok=True)
     marker.write_text(json.dumps(result, indent=1, default=lambda o: np.asarray(o).tolist()))
     print(f"{name}: done -> {marker}", flush=True)

@@ -3,6 +3,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,3 +73,40 @@ def test_bad_inputs(reference, tmp_path):
   del sd["blocks.1.mlp.fc2.bias"]
   torch.save(sd, tmp_path / "missing_key.pt")
   assert "blocks_1']['mlp']['fc2']['bias'] missing" in _bad(tmp_path, tmp_path / "missing_key.pt", "--num-heads", "2")
+
+
+def test_official_grafted_checkpoint_layers_are_recognised():
+  """A stage-2 grafting checkpoint: blocks whose attn/mlp hold SWA, Hyena or Mamba-2 keys import as those operators."""
+  from graft_jax import operators
+  from graft_jax.convert.dit import dit_from_torch
+  from graft_jax.models import DiT
+
+  rng = np.random.default_rng(0)
+  sd = original_state_dict(diffusers_dit(patch=2, depth=4))
+  d = 16
+  r = lambda *shape: rng.standard_normal(shape).astype(np.float32) * 0.1
+  for k in [k for k in sd if k.startswith(("blocks.1.attn.", "blocks.2.attn.", "blocks.3.attn.", "blocks.3.mlp."))]:
+    del sd[k]
+  grafted = {
+      "blocks.1.attn.": {"Wqkv.weight": r(3 * d, d), "Wqkv.bias": r(3 * d), "out_proj.weight": r(d, d),
+                         "out_proj.bias": r(d)},
+      "blocks.2.attn.": {"in_proj.weight": r(3 * d, d), "in_proj.bias": r(3 * d), "short_filter.weight": r(3 * d, 1, 4),
+                         "short_filter.bias": r(3 * d), "out_proj.weight": r(d, d), "out_proj.bias": r(d)},
+      "blocks.3.attn.": {"in_proj.weight": r(2 * 2 * d + 2 * 64 + 2, d), "conv1d.weight": r(2 * d + 128, 1, 4),
+                         "conv1d.bias": r(2 * d + 128), "dt_bias": r(2), "A_log": r(2), "D": r(2),
+                         "norm.weight": r(2 * d), "out_proj.weight": r(d, 2 * d)},
+      "blocks.3.mlp.": {"fc1.weight": r(3 * d, d), "fc1.bias": r(3 * d), "fc2.weight": r(d, 3 * d), "fc2.bias": r(d)},
+  }
+  for prefix, tensors in grafted.items():
+    sd.update({prefix + k: v for k, v in tensors.items()})
+  config, params = dit_from_torch(sd, "dit", num_heads=2)
+  names = [(layer.attn.name, layer.mlp.name, layer.mlp.config.get("ratio")) for layer in config.layers]
+  assert names == [("mha", "mlp", 4.0), ("swa", "mlp", 4.0), ("hyena_x", "mlp", 4.0), ("mamba2", "mlp", 3.0)]
+  for prefix, tensors in grafted.items():
+    i, site = int(prefix.split(".")[1]), prefix.split(".")[2]
+    op = operators.get(config.layers[i].site(site).name)
+    _, want = op.from_torch(tensors, d, 2)
+    jax.tree.map(np.testing.assert_array_equal, params[f"blocks_{i}"][site], want)
+  x, t, y = inputs(8)
+  out = DiT(config).apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(y))
+  assert np.isfinite(np.asarray(out)).all()

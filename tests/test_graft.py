@@ -8,7 +8,7 @@ from graft_jax import graft
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.models.dit import capture
-from graft_jax.train import distill
+from graft_jax.train import distill, partition
 
 DEPTH = 4
 
@@ -112,8 +112,10 @@ def run_stage1(tmp, steps, self_graft=True, **overrides):
   y = rng.integers(0, 10, 256).astype(np.int32)
   data = ArrayIterator({"x": x[:192], "y": y[:192]}, 16, seed=0)
   heldout = [{"x": x[192 + 32 * i: 224 + 32 * i], "y": y[192 + 32 * i: 224 + 32 * i]} for i in range(2)]
+  # One device: what this test is about is convergence and resumption, not sharding (tests/test_partition.py).
+  mesh = partition.make_mesh({"data": 1}, devices=jax.devices()[:1])
   return distill.run_distill(distill_config(steps, **overrides), DiT(teacher), params, student, student_params,
-                             graft.sites(edits), data, heldout, tmp)
+                             graft.sites(edits), data, heldout, tmp, mesh=mesh)
 
 
 def test_self_grafting_mha_distils_under_5_percent(tmp_path):

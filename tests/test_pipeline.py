@@ -1,5 +1,6 @@
 """configs/*.py and the main job: every paper configuration builds a valid plan; a shrunk one runs end to end."""
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -41,7 +42,10 @@ def test_bad_config_argument():
 
 
 def main(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "graft_jax.main", *args], capture_output=True, text=True, cwd=cwd)
+  """The real command line, on the machine's one CPU device (not the 8 fake devices of the other tests)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "graft_jax.main", *args], capture_output=True, text=True, cwd=cwd,
+                        env=env)
 
 
 def test_missing_teacher_names_the_conversion_command(tmp_path):

@@ -1,7 +1,7 @@
 """A domain feature network for data that Inception does not fit: the demo digits.
 
 FID's Inception features mean little on 16x16 grey digits, and no weights may be downloaded, so the project
-trains its own small classifier on the demo train split and uses its globally pooled 64-d features the way FID
+trains its own small classifier on the demo train split and uses its 64-d penultimate features the way FID
 uses Inception's pool_3: Frechet distance between generated and reference feature statistics. Its logits also
 give the class accuracy of class-conditional samples. Numbers are comparable only between runs that use the
 same network, so results carry its name (NET_NAME) and checkpoints refuse to load under another one.
@@ -25,37 +25,62 @@ from graft_jax.data.demo import NUM_CLASSES, load_demo
 from graft_jax.evaluation import frechet
 
 NET_NAME = "digits-cnn-v1"
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 600
 EVAL_BATCH = 256
 
 
-class DigitsCNN(nn.Module):
-  """3x3 convs (the later ones stride 2), ReLU, global average pool -> features, then a linear classifier."""
-  widths: tuple[int, ...] = (32, 64, 64)
-  num_classes: int = NUM_CLASSES
+class Conv3x3(nn.Module):
+  """A 3x3 'same' convolution written as nine shifted slices and one matmul.
+
+  Equal to nn.Conv(width, (3, 3), strides=stride, padding=1), but XLA:CPU runs its gradient about 30x faster
+  than that of its native convolution, which keeps training the network inside a CPU test."""
+  width: int
+  stride: int = 1
 
   @nn.compact
   def __call__(self, x):
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = [padded[:, dy:dy + h:self.stride, dx:dx + w:self.stride] for dy in range(3) for dx in range(3)]
+    return nn.Dense(self.width, name="kernel")(jnp.concatenate(taps, axis=-1))
+
+
+class DigitsCNN(nn.Module):
+  """Three 3x3 convs (the later two stride 2) with ReLU, flattened into a dense feature layer, ReLU, logits.
+
+  Flattening keeps where strokes are, which global pooling loses: it made held-out accuracy steady at about
+  98% across seeds where the pooled variant ranged from 96% to 98%."""
+  widths: tuple[int, ...] = (16, 32, 64)
+  feature_dim: int = 64
+  num_classes: int = NUM_CLASSES
+  image_size: int = 16
+
+  @nn.compact
+  def __call__(self, x):
+    if x.shape[1:] != (self.image_size, self.image_size, 1):
+      raise ValueError(f"{NET_NAME} takes (N, {self.image_size}, {self.image_size}, 1) images; got {x.shape}.")
     for i, width in enumerate(self.widths):
-      x = nn.relu(nn.Conv(width, (3, 3), strides=1 if i == 0 else 2, name=f"conv{i}")(x))
-    feats = x.mean(axis=(1, 2))
-    return feats, nn.Dense(self.num_classes, name="head")(feats)
+      x = nn.relu(Conv3x3(width, stride=1 if i == 0 else 2, name=f"conv{i}")(x))
+    # Features are taken before their ReLU: units that the ReLU silences on every image would be constant
+    # dimensions, dropping information from the Frechet statistics.
+    feats = nn.Dense(self.feature_dim, name="feature")(x.reshape(x.shape[0], -1))
+    return feats, nn.Dense(self.num_classes, name="head")(nn.relu(feats))
 
 
 def _check_images(images) -> np.ndarray:
   x = np.asarray(images, np.float32)
-  if x.ndim != 4 or x.shape[-1] != 1:
-    raise ValueError(f"the domain network takes (N, H, W, 1) float images in [-1, 1]; got shape {x.shape}.")
+  if x.ndim != 4 or len(x) == 0:
+    raise ValueError(f"the domain network takes (N >= 1, H, W, 1) float images in [-1, 1]; got shape {x.shape}.")
   return x
 
 
-def train_domain_net(images, labels, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 128,
-                     learning_rate: float = 3e-3, test=None):
+def train_domain_net(images, labels, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size: int = 64,
+                     learning_rate: float = 1e-2, test=None):
   """(net, params, test_accuracy) after `steps` Adam steps on (images, labels).
 
   test: (images, labels) to measure accuracy on; by default the demo's held-out split at the images' size."""
   x, y = _check_images(images), np.asarray(labels, np.int32)
-  net = DigitsCNN()
+  net = DigitsCNN(image_size=x.shape[1])
   params = jax.jit(net.init)(jax.random.key(seed), x[:1])["params"]
   tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
   # Batches are drawn up front so the whole run is one compiled scan, bit-identical for a given seed.
@@ -100,13 +125,15 @@ def _outputs(net, params, images) -> tuple[np.ndarray, np.ndarray]:
 
 
 def features(net, params, images) -> np.ndarray:
-  """(N, feature size) float32 pooled features of (N, H, W, 1) images in [-1, 1]."""
+  """(N, feature_dim) float32 penultimate features of (N, H, W, 1) images in [-1, 1]."""
   return _outputs(net, params, images)[0]
 
 
 def class_accuracy(net, params, images, labels) -> dict:
   """Share of images classified as their intended label: overall and per class (NaN for absent classes)."""
   y = np.asarray(labels)
+  if y.shape != (len(images),):
+    raise ValueError(f"class_accuracy needs one label per image; got {y.shape} labels for {len(images)} images.")
   predicted = _outputs(net, params, images)[1].argmax(-1)
   hit = predicted == y
   per_class = np.array([hit[y == c].mean() if np.any(y == c) else np.nan for c in range(net.num_classes)])
@@ -127,7 +154,8 @@ def frechet_distance_to(net, params, images, reference) -> dict:
 
 def save_domain_net(path: str | os.PathLike, net: DigitsCNN, params, test_accuracy: float) -> pathlib.Path:
   """One .npz: the flattened parameters plus a JSON record of the name and architecture; written atomically."""
-  meta = {"name": NET_NAME, "widths": list(net.widths), "num_classes": net.num_classes,
+  meta = {"name": NET_NAME, "widths": list(net.widths), "feature_dim": net.feature_dim,
+          "num_classes": net.num_classes, "image_size": net.image_size,
           "test_accuracy": float(test_accuracy)}
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
   out = pathlib.Path(path)
@@ -144,7 +172,7 @@ def save_domain_net(path: str | os.PathLike, net: DigitsCNN, params, test_accura
 
 
 def load_domain_net(path: str | os.PathLike):
-  """(net, params, meta) from `save_domain_net`; meta holds name, widths, num_classes, test_accuracy."""
+  """(net, params, meta) from `save_domain_net`; meta holds name, architecture fields, test_accuracy."""
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist; train the domain network first (load_or_train).")
@@ -156,7 +184,8 @@ def load_domain_net(path: str | os.PathLike):
   if meta["name"] != NET_NAME:
     raise ValueError(f"{path} holds feature network {meta['name']!r}, but this code computes {NET_NAME!r}; "
                      f"its distances would not be comparable. Retrain it.")
-  net = DigitsCNN(widths=tuple(meta["widths"]), num_classes=meta["num_classes"])
+  net = DigitsCNN(widths=tuple(meta["widths"]), feature_dim=meta["feature_dim"], num_classes=meta["num_classes"],
+                  image_size=meta["image_size"])
   return net, traverse_util.unflatten_dict(flat, sep="/"), meta
 
 

@@ -58,6 +58,42 @@ class LayerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelPairSpec:
+  """Two DiT blocks that read the same input; a learned projection (2D -> D) of their concatenated residual updates
+  merges them (depth to width: a pair replaces two consecutive blocks)."""
+  first: LayerSpec
+  second: LayerSpec
+
+  @property
+  def blocks(self) -> tuple[LayerSpec, LayerSpec]:
+    return (self.first, self.second)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"kind": "parallel_pair", "first": self.first.to_json(), "second": self.second.to_json()}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> "ParallelPairSpec":
+    return cls(LayerSpec.from_json(d["first"]), LayerSpec.from_json(d["second"]))
+
+
+Layer = LayerSpec | ParallelPairSpec
+
+
+def layer_from_json(d: Mapping[str, Any]) -> Layer:
+  """A plain block's JSON has no "kind" (the format older exports use); a pair's says "parallel_pair"."""
+  kind = d.get("kind", "block")
+  if kind == "parallel_pair":
+    return ParallelPairSpec.from_json(d)
+  if kind != "block":
+    raise ValueError(f"unknown layer kind {kind!r}; use a plain block or 'parallel_pair'.")
+  return LayerSpec.from_json(d)
+
+
+def layer_blocks(layer: Layer) -> tuple[LayerSpec, ...]:
+  return layer.blocks if isinstance(layer, ParallelPairSpec) else (layer,)
+
+
+@dataclasses.dataclass(frozen=True)
 class DiTConfig:
   input_size: int = 32          # latent height = width
   patch_size: int = 2
@@ -67,11 +103,25 @@ class DiTConfig:
   num_classes: int = 1000       # index num_classes is the null class (CFG, label dropout)
   learn_sigma: bool = True
   class_dropout_prob: float = 0.1
-  layers: tuple[LayerSpec, ...] = ()
+  layers: tuple[Layer, ...] = ()
 
   @property
   def depth(self) -> int:
+    """Layers in sequence: a parallel pair counts once."""
     return len(self.layers)
+
+  @property
+  def blocks(self) -> tuple[LayerSpec, ...]:
+    """Every DiT block in order, the two of each parallel pair in turn."""
+    return tuple(b for layer in self.layers for b in layer_blocks(layer))
+
+  @property
+  def num_pairs(self) -> int:
+    return sum(isinstance(layer, ParallelPairSpec) for layer in self.layers)
+
+  def first_block(self, layer: int) -> int:
+    """The index in `blocks` of layer `layer`'s first block: the teacher's block number before pairs merged."""
+    return sum(len(layer_blocks(prev)) for prev in self.layers[:layer])
 
   @property
   def out_channels(self) -> int:
@@ -105,7 +155,7 @@ class DiTConfig:
     d = dict(d)
     if d.pop("model", "dit") != "dit":
       raise ValueError("this model config does not describe a DiT")
-    layers = tuple(LayerSpec.from_json(layer) for layer in d.pop("layers"))
+    layers = tuple(layer_from_json(layer) for layer in d.pop("layers"))
     return cls(**d, layers=layers)
 
 

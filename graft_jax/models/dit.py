@@ -2,7 +2,14 @@
 
 Contract: latents NHWC (B, H, W, C), t int (B,), y int (B,) -> NHWC (B, H, W, 2C) when learn_sigma.
 Each block sows, into the "intermediates" collection, every operator's input (after adaLN modulation) and output
-(before the gate): stage-1 distillation reads the teacher's activations from one ordinary forward pass.
+(before the gate), and its own input and residual update; the model sows the conditioning vector: stage-1
+distillation reads the teacher's activations from one ordinary forward pass.
+
+A layer is a block or a parallel pair (depth to width). Block k's residual update is f_k(x) = a + m with
+a = gate_msa * attn(modulate(LN(x))) and m = gate_mlp * mlp(modulate(LN(x + a))), so the block computes x + f_k(x).
+A pair computes x + W [f_1(x); f_2(x)] + b: both blocks read the same x, and the merge W (2D, D), b (D) starts as
+W = [I; I], b = 0: a new pair is exactly x + f_1(x) + f_2(x), which is the sequential pair
+x + f_1(x) + f_2(x + f_1(x)) to first order in f_1.
 """
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from graft_jax.models.config import DiTConfig, LayerSpec
+from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
 from graft_jax.operators import init
 
@@ -63,14 +70,22 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
+  """x -> x + f(x); with `update_only`, f(x) alone (a parallel pair's branch)."""
   dim: int
   spec: LayerSpec
+  update_only: bool = False
 
   @nn.compact
   def __call__(self, x, c):
+    self.sow("intermediates", "block_in", x)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(c, 6, "adaLN_modulation")
-    x = x + self.site("attn", modulate(layer_norm(x), shift_msa, scale_msa), gate_msa[:, None])
-    return x + self.site("mlp", modulate(layer_norm(x), shift_mlp, scale_mlp), gate_mlp[:, None])
+    attn = self.site("attn", modulate(layer_norm(x), shift_msa, scale_msa), gate_msa[:, None])
+    h = x + attn
+    mlp = self.site("mlp", modulate(layer_norm(h), shift_mlp, scale_mlp), gate_mlp[:, None])
+    # The update is summed on its own (not taken as output - x), so a 16-bit residual stream loses nothing.
+    update = attn + mlp
+    self.sow("intermediates", "block_update", update)
+    return update if self.update_only else h + mlp
 
   def site(self, name: str, h, gate):
     self.sow("intermediates", f"{name}_in", h)
@@ -78,6 +93,27 @@ class DiTBlock(nn.Module):
     self.sow("intermediates", f"{name}_out", out)
     self.sow("intermediates", f"{name}_gate", gate)
     return gate * out
+
+
+def merge_init(key, shape, dtype=jnp.float32):
+  """[I; I] for the (2D, D) merge kernel: the pair starts as the sum of its two blocks' updates."""
+  del key
+  eye = jnp.eye(shape[1], dtype=dtype)
+  return jnp.concatenate([eye, eye])
+
+
+class ParallelPair(nn.Module):
+  """x -> x + W [f_1(x); f_2(x)] + b (see the module docstring); with `update_only`, the merged update alone."""
+  dim: int
+  spec: ParallelPairSpec
+  update_only: bool = False
+
+  @nn.compact
+  def __call__(self, x, c):
+    updates = [DiTBlock(self.dim, spec, update_only=True, name=f"block_{k}")(x, c)
+               for k, spec in enumerate(self.spec.blocks)]
+    update = nn.Dense(self.dim, kernel_init=merge_init, bias_init=zeros, name="merge")(jnp.concatenate(updates, -1))
+    return update if self.update_only else x + update
 
 
 class FinalLayer(nn.Module):
@@ -107,8 +143,10 @@ class DiT(nn.Module):
     h = h.reshape(h.shape[0], -1, d) + jnp.asarray(sincos_2d(d, cfg.grid_size), h.dtype)
     c = TimestepEmbedder(d, name="t_embedder")(t).astype(h.dtype)
     c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train).astype(h.dtype)
+    self.sow("intermediates", "cond", c)
     for i, spec in enumerate(cfg.layers):
-      h = DiTBlock(d, spec, name=f"blocks_{i}")(h, c)
+      layer = ParallelPair if isinstance(spec, ParallelPairSpec) else DiTBlock
+      h = layer(d, spec, name=f"blocks_{i}")(h, c)
     h = FinalLayer(p, cfg.out_channels, name="final_layer")(h, c)
     return unpatchify(h, p, cfg.grid_size, cfg.grid_size)
 
@@ -123,15 +161,26 @@ class DiT(nn.Module):
     return jnp.concatenate([jnp.concatenate([guided, guided]), out[..., k:]], axis=-1)
 
 
-def capture(model: DiT, params, x, t, y, sites):
-  """One forward pass -> (output, {(layer, site): (operator input, operator output, gate)}) for the given sites.
+PAIR = "pair"
 
-  The input is after adaLN modulation, the output before the gate; the gate is (B, 1, D). Under jit, activations of
-  sites not asked for are never materialised.
+
+def capture(model: DiT, params, x, t, y, sites):
+  """One forward pass -> (output, {(layer, site): (input, target, context)}) for the given sites of a sequential DiT.
+
+  Site "attn" or "mlp": the operator's input after adaLN modulation, its output before the gate, and the gate
+  (B, 1, D). Site "pair" at block i: the input of block i, the residual update of blocks i and i + 1 applied in
+  sequence (their output minus that input), and the conditioning vector c (B, D). Under jit, activations of sites
+  not asked for are never materialised.
   """
   out, state = model.apply({"params": params}, x, t, y, mutable=["intermediates"])
   inter = state["intermediates"]
-  return out, {(i, s): tuple(inter[f"blocks_{i}"][f"{s}_{k}"][0] for k in ("in", "out", "gate")) for i, s in sites}
+
+  def site(i, s):
+    if s == PAIR:
+      first, second = inter[f"blocks_{i}"], inter[f"blocks_{i + 1}"]
+      return first["block_in"][0], first["block_update"][0] + second["block_update"][0], inter["cond"][0]
+    return tuple(inter[f"blocks_{i}"][f"{s}_{k}"][0] for k in ("in", "out", "gate"))
+  return out, {(i, s): site(i, s) for i, s in sites}
 
 
 def init_params(config: DiTConfig, key: jax.Array):

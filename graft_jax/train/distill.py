@@ -4,6 +4,11 @@ For each grafted (layer, site), the scion maps the teacher operator's input (aft
 operator's output (before the gate). Inputs always come from the teacher, never from other scions (teacher forcing),
 so the sites are independent problems that share one teacher forward per batch. Data are noised latents
 z_t = q_sample(x0, t, noise) with t ~ U{0..999} and the true labels.
+
+A parallel pair (site "pair", depth to width) is a site too: the whole pair (both blocks and the merge) maps the
+teacher's input of its first block, with the teacher's conditioning, to the residual update of the teacher's two
+blocks in sequence; prediction and target are updates (output minus input), so the relative error is not swamped
+by the residual stream.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from graft_jax.diffusion import make_diffusion
 from graft_jax.models.config import DiTConfig
-from graft_jax.models.dit import DiT, capture
+from graft_jax.models.dit import PAIR, DiT, ParallelPair, capture
 from graft_jax.train import metrics, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
 
@@ -37,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       epochs=200, steps=0,  # steps > 0 overrides epochs
       batch_size=64, schedule="paper", lr=1e-4, warmup_steps=0, grad_clip=0.0, weight_decay=0.0, lr_milestones=(),
-      loss=dict(attn="l1", mlp="l2"), huber_delta=1.0, regress_gated=False,
+      loss=dict(attn="l1", mlp="l2", pair="l1"), huber_delta=1.0, regress_gated=False,
       ema_decay=0.0, compute_dtype="float32", seed=0, mesh=dict(data=-1, fsdp=1), fsdp_min_size=2**14,
       log_every=50, eval_every=500, eval_batches=4, checkpoint_every=1000))
 
@@ -73,10 +78,14 @@ def site_name(layer: int, site: str) -> str:
 
 
 def scion_params(params, sites: Sequence[tuple[int, str]]) -> dict:
-  """The trained tree of stage 1: {"blocks_i": {site: params}} for the grafted sites only."""
+  """The trained tree of stage 1: {"blocks_i": {site: params}} for the grafted sites only; a pair's whole layer
+  {"blocks_i": {"block_0", "block_1", "merge"}}."""
   out: dict = {}
   for i, s in sites:
-    out.setdefault(f"blocks_{i}", {})[s] = params[f"blocks_{i}"][s]
+    if s == PAIR:
+      out[f"blocks_{i}"] = params[f"blocks_{i}"]
+    else:
+      out.setdefault(f"blocks_{i}", {})[s] = params[f"blocks_{i}"][s]
   return out
 
 
@@ -87,16 +96,28 @@ def noised_batch(x0, key):
   return make_diffusion().q_sample(x0, t, jax.random.normal(n_key, x0.shape, x0.dtype)), t
 
 
+def teacher_site(student: DiTConfig, layer: int, site: str) -> tuple[int, str]:
+  """Where a student site learns from: a pair from the teacher's blocks it replaces (the teacher is sequential),
+  an operator from the same layer (an operator plan keeps the numbering)."""
+  return (student.first_block(layer), site) if site == PAIR else (layer, site)
+
+
 def site_outputs(teacher: DiT, student: DiTConfig, teacher_params, scions, x, t, y, sites, regress_gated: bool):
   """{site name: (scion prediction, teacher target)} from one teacher forward on (x, t, y)."""
-  _, acts = capture(teacher, teacher_params, x, t, y, sites)
+  where = {teacher_site(student, i, s): (i, s) for i, s in sites}
+  _, acts = capture(teacher, teacher_params, x, t, y, list(where))
   out = {}
-  for (i, s), (inp, target, gate) in acts.items():
-    module = student.layers[i].site(s).build(student.hidden_size)
-    pred = module.apply({"params": scions[f"blocks_{i}"][s]}, jax.lax.stop_gradient(inp))
-    target = jax.lax.stop_gradient(target)
-    if regress_gated:
-      pred, target = gate * pred, gate * target
+  for key, (inp, target, context) in acts.items():
+    i, s = where[key]
+    inp, target = jax.lax.stop_gradient(inp), jax.lax.stop_gradient(target)
+    if s == PAIR:
+      pair = ParallelPair(student.hidden_size, student.layers[i], update_only=True)
+      pred = pair.apply({"params": scions[f"blocks_{i}"]}, inp, jax.lax.stop_gradient(context))
+    else:
+      module = student.layers[i].site(s).build(student.hidden_size)
+      pred = module.apply({"params": scions[f"blocks_{i}"][s]}, inp)
+      if regress_gated:
+        pred, target = context * pred, context * target
     out[site_name(i, s)] = (pred, target)
   return out
 
@@ -148,12 +169,13 @@ def load_scions(path) -> Any:
 
 
 def run_distill(config, teacher: DiT, teacher_params, student: DiTConfig, student_params, sites, data, heldout,
-                workdir) -> tuple[Any, dict]:
+                workdir, mesh=None) -> tuple[Any, dict]:
   """Trains every scion of `sites` (its start: `student_params`) for config.steps steps; resumes from
   workdir/checkpoints. `data` is a DataSource of {"x", "y"} batches; `heldout` a list of such batches.
-  Returns (scions, {site: held-out relative error}), and writes metrics under workdir."""
+  Returns (scions, {site: held-out relative error}), and writes metrics under workdir. `mesh` defaults to the
+  one config.mesh describes over all devices."""
   workdir = pathlib.Path(workdir)
-  mesh = partition.make_mesh(config.mesh)
+  mesh = partition.make_mesh(config.mesh) if mesh is None else mesh
   partition.check_batch(mesh, config.batch_size)
   optimizer = train_state.make_optimizer(config)
   loss_fn = make_loss_fn(teacher, student, sites, config)

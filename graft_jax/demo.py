@@ -111,7 +111,7 @@ def training_cost(config, workdir: pathlib.Path) -> dict:
 
 
 def stage_report(config, workdir: pathlib.Path) -> dict:
-  net, net_params, meta = domain.load_or_train(workdir / "domain_net.npz")
+  net, net_params, meta = domain.load_or_train(workdir / "domain_net.npz", config.report.domain_net_steps)
   test_x, test_y = load_demo("test")
   train_x, _ = load_demo("train")
   reference = domain.reference_statistics(net, net_params, train_x)

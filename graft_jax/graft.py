@@ -338,6 +338,6 @@ def format_summary(s: dict) -> str:
     lines.append(f"| {r['layer']} | {r['site']} | {r['before']} | {r['after']} | {r['params_before']:,} | "
                  f"{r['params_after']:,} | {r['flops_before'] / 1e9:.3f} | {r['flops_after'] / 1e9:.3f} |")
   lines.append(f"\nparams {s['params_teacher']:,} -> {s['params_student']:,} ({s['dparams_pct']:+.2f}%); "
-               f"forward FLOPs per sample {s['flops_teacher'] / 1e9:.1f} G -> {s['flops_student'] / 1e9:.1f} G "
+               f"forward FLOPs per sample {s['flops_teacher'] / 1e9:.4g} G -> {s['flops_student'] / 1e9:.4g} G "
                f"({s['dflops_pct']:+.2f}%)")
   return "\n".join(lines)

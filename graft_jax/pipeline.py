@@ -19,8 +19,8 @@ from graft_jax import checkpoints, graft
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.models import DiT, dit_config, init_params
-from graft_jax.sample import generate, make_sampler, sample_labels, save_npz
-from graft_jax.train import distill, finetune
+from graft_jax.sample import generate, make_sampler, sample_labels, save_npz, shard_over
+from graft_jax.train import distill, finetune, partition
 
 
 class UserError(Exception):
@@ -120,7 +120,12 @@ def stage_finetune(config, workdir: pathlib.Path) -> dict:
 def sample_images(model, params, s, progress_name: str = "sample"):
   """(uint8 images, labels): `s.per_class` samples of every class with the sampler settings in `s`."""
   labels = sample_labels(model.config.num_classes, s.per_class)
-  run = make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels)
+  mesh = partition.make_mesh({"data": -1}, jax.local_devices())
+  try:
+    partition.check_batch(mesh, s.batch_size)
+  except ValueError as e:
+    raise UserError(f"sample.batch_size: {e}") from None
+  run, params = shard_over(make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels), params, mesh)
   start = time.time()
 
   def progress(done, total):

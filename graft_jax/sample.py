@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.diffusion import cfg_model_fn, make_diffusion
+from graft_jax.train import partition
 
 
 def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -36,6 +37,12 @@ def make_sampler(model, sampler: str = "ddpm", steps: int = 250, cfg_scale: floa
       x = diffusion.p_sample_loop(model_fn, shape, key)
     return x[..., :cfg.in_channels]
   return run
+
+
+def shard_over(run, params, mesh):
+  """(run, params) for sampling on `mesh`: every batch of labels split over its devices, params replicated."""
+  data = partition.batch_sharding(mesh)
+  return (lambda p, y, key: run(p, jax.device_put(y, data), key)), jax.device_put(params, partition.replicated(mesh))
 
 
 def generate(run, params, labels: np.ndarray, key, batch_size: int, progress=None) -> np.ndarray:

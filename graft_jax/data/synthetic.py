@@ -17,7 +17,7 @@ from absl import logging
 
 from graft_jax.data.latents import DataError, ShardWriter, reuse_cache, tree_digest
 from graft_jax.models.vae import SD_SCALING_FACTOR
-from graft_jax.sample import generate, make_sampler, sample_labels
+from graft_jax.sample import generate, make_sampler, sample_labels, shard_over
 from graft_jax.train import partition
 
 SAMPLERS = ("ddpm", "ddim")
@@ -64,9 +64,7 @@ def synthesize(model, params: Any, out: str | os.PathLike, settings: SynthesisSe
   writer = ShardWriter(out, meta)
   run = make_sampler(model, settings.sampler, settings.steps, settings.cfg_scale, settings.guided_channels,
                      settings.eta)
-  data = partition.batch_sharding(mesh)
-  sharded_run = lambda p, y, key: run(p, jax.device_put(y, data), key)
-  params = jax.device_put(params, partition.replicated(mesh))
+  sharded_run, params = shard_over(run, params, mesh)
   key = jax.random.key(settings.seed)
   starts = range(0, len(labels), settings.shard_size)
   for index, start in enumerate(starts):

@@ -38,12 +38,9 @@ def teacher_config(config):
 
 def load_teacher(config):
   """(model, params): the converted checkpoint `model.checkpoint`, or a fresh `model.preset` when it is empty."""
+  cfg = teacher_config(config)  # a missing checkpoint fails here with the conversion command
   if config.model.checkpoint:
-    try:
-      return checkpoints.load(config.model.checkpoint)
-    except FileNotFoundError as e:
-      raise UserError(str(e)) from None
-  cfg = dit_config(config.model.preset, **config.model.overrides)
+    return checkpoints.load(config.model.checkpoint)
   return DiT(cfg), init_params(cfg, jax.random.key(config.seed))
 
 

@@ -1,15 +1,14 @@
 """Class-conditional DDPM or DDIM sampling with CFG from a DiT, batched, to an ADM-style .npz."""
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.diffusion import cfg_model_fn, make_diffusion
+from graft_jax.files import write_atomic
 from graft_jax.train import partition
 
 
@@ -59,14 +58,4 @@ def generate(run, params, labels: np.ndarray, key, batch_size: int, progress=Non
 
 def save_npz(images_uint8: np.ndarray, labels: np.ndarray, path) -> pathlib.Path:
   """ADM evaluator format: arr_0 = uint8 images NHWC, arr_1 = labels; written atomically."""
-  out = pathlib.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, arr_0=images_uint8, arr_1=labels)
-    os.replace(tmp, out)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return out
+  return write_atomic(path, lambda f: np.savez(f, arr_0=images_uint8, arr_1=labels))

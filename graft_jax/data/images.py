@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from graft_jax.files import write_atomic
 
 
 def to_uint8(images) -> np.ndarray:
@@ -37,14 +38,5 @@ def make_grid(images_uint8, nrow: int, pad: int = 2, pad_value: int = 0) -> np.n
 def save_grid(images_uint8, path: str | os.PathLike, nrow: int, pad: int = 2) -> pathlib.Path:
   """Writes a PNG grid of `images_uint8`; a failed write leaves no partial file at `path`."""
   grid = make_grid(images_uint8, nrow, pad)
-  out = pathlib.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
-    os.replace(tmp, out)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return out
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  return write_atomic(path, lambda f: image.save(f, format="PNG"))

@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
 
 import flax.linen as nn
 import jax
@@ -23,6 +22,7 @@ from flax import traverse_util
 
 from graft_jax.data.demo import NUM_CLASSES, load_demo
 from graft_jax.evaluation import frechet
+from graft_jax.files import write_atomic
 
 NET_NAME = "digits-cnn-v1"
 DEFAULT_STEPS = 600
@@ -158,17 +158,7 @@ def save_domain_net(path: str | os.PathLike, net: DigitsCNN, params, test_accura
           "num_classes": net.num_classes, "image_size": net.image_size,
           "test_accuracy": float(test_accuracy)}
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(params), sep="/").items()}
-  out = pathlib.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, __meta__=np.array(json.dumps(meta)), **flat)
-    os.replace(tmp, out)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return out
+  return write_atomic(path, lambda f: np.savez(f, __meta__=np.array(json.dumps(meta)), **flat))
 
 
 def load_domain_net(path: str | os.PathLike):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 
 import numpy as np
+
+from graft_jax.files import write_atomic
 
 
 def _symmetric_sqrt(s: np.ndarray) -> np.ndarray:
@@ -62,18 +63,7 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 def save_statistics(path: str | os.PathLike, mu, sigma) -> pathlib.Path:
   """Writes an .npz with keys mu and sigma (the ADM reference-batch layout); nothing partial on failure."""
   mu, sigma = _check_statistics(mu, sigma, "save_statistics")
-  out = pathlib.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-  try:
-    # A file object, not a name: np.savez would append ".npz" to a name and the rename would miss it.
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, out)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return out
+  return write_atomic(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -118,10 +118,7 @@ def sample_images(model, params, s, progress_name: str = "sample"):
   """(uint8 images, labels): `s.per_class` samples of every class with the sampler settings in `s`."""
   labels = sample_labels(model.config.num_classes, s.per_class)
   mesh = partition.make_mesh({"data": -1}, jax.local_devices())
-  try:
-    partition.check_batch(mesh, s.batch_size)
-  except ValueError as e:
-    raise UserError(f"sample.batch_size: {e}") from None
+  batch_size = -(-s.batch_size // mesh.size) * mesh.size  # a whole number of rows per device; padding is dropped
   run, params = shard_over(make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels), params, mesh)
   start = time.time()
 
@@ -129,7 +126,7 @@ def sample_images(model, params, s, progress_name: str = "sample"):
     rate = done / (time.time() - start)
     print(f"{progress_name}: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f} s", flush=True)
 
-  return to_uint8(generate(run, params, labels, jax.random.key(s.seed), s.batch_size, progress)), labels
+  return to_uint8(generate(run, params, labels, jax.random.key(s.seed), batch_size, progress)), labels
 
 
 def stage_sample(config, workdir: pathlib.Path) -> dict:

@@ -1,18 +1,12 @@
 """The README's demo command, shrunk: the whole pipeline runs and the report has every field the issue asks for."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from cli import ROOT, run_main
 MODELS = {"teacher", "graft_stage1", "graft_stage1_2", "control", "self_mha"}
 
 
 def test_shrunk_demo_writes_the_report(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the real single-device command line
-  proc = subprocess.run([sys.executable, "-m", "graft_jax.main", f"--config={ROOT}/configs/demo.py:shrink=1",
-                         f"--workdir={tmp_path}/demo"], capture_output=True, text=True, env=env, cwd=tmp_path)
+  proc = run_main(f"--config={ROOT}/configs/demo.py:shrink=1", f"--workdir={tmp_path}/demo", cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   run = tmp_path / "demo"
   report = json.loads((run / "report.json").read_text())

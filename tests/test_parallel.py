@@ -1,13 +1,11 @@
 """Depth to width: parallel pairs in the config, the forward, the graft plan, stage 1 and the main job."""
 import json
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from cli import ROOT, load_config, run_main
 from graft_jax import graft
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, DiTConfig, dit_config, init_params
@@ -15,7 +13,6 @@ from graft_jax.models.config import ParallelPairSpec
 from graft_jax.models.dit import DiTBlock, ParallelPair, capture
 from graft_jax.train import distill
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 D = 32
 ALL_PAIRS = [dict(kind="parallel_pairs", layers="all")]
 
@@ -202,15 +199,11 @@ def test_pairs_do_not_mix_with_operator_edits():
 
 
 def test_paper_config_and_shrunk_run_end_to_end(tmp_path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("parallel", ROOT / "configs" / "dit_xl2_parallel.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config("dit_xl2_parallel")
   assert tuple(c.finetune.lr_milestones) == (75_000, 150_000) and c.distill.loss.pair == "l1"
   assert graft.sites(graft.parse_plan(c.graft, dit_config("DiT-XL/2")))[-1] == (13, "pair")
   args = [f"--config={ROOT}/configs/dit_xl2_parallel.py:shrink=1", f"--workdir={tmp_path}/run"]
-  proc = subprocess.run([sys.executable, "-m", "graft_jax.main", *args], capture_output=True, text=True, cwd=tmp_path)
+  proc = run_main(*args, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   run = tmp_path / "run"
   for name in ("graft_summary.md", "stage1/results.json", "student/config.json", "samples.png", "samples.npz"):

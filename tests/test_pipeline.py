@@ -1,28 +1,19 @@
 """configs/*.py and the main job: every paper configuration builds a valid plan; a shrunk one runs end to end."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
-
-import importlib.util
 
 import pytest
 
+from cli import ROOT, load_config, run_main
 from graft_jax import graft
 from graft_jax.models import dit_config
 from graft_jax.pipeline import teacher_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER = ["swa", "hyena_x", "hyena_y", "hyena_se", "mamba2", "mlp_r3", "mlp_r6", "mlp_hyena_x", "self_mha",
          "self_mlp"]
 
 
 def load(name, arg=""):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"dit_xl2_{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return load_config(f"dit_xl2_{name}", arg)
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -42,10 +33,7 @@ def test_bad_config_argument():
 
 
 def main(*args, cwd):
-  """The real command line, on the machine's one CPU device (not the 8 fake devices of the other tests)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, "-m", "graft_jax.main", *args], capture_output=True, text=True, cwd=cwd,
-                        env=env)
+  return run_main(*args, cwd=cwd)
 
 
 def test_missing_teacher_names_the_conversion_command(tmp_path):

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
-from graft_jax.operators import init
 
 zeros = nn.initializers.zeros
 normal_002 = nn.initializers.normal(0.02)

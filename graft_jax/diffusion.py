@@ -246,11 +246,15 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array
   def model_fn(x, t):
     out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                    jnp.concatenate([y, jnp.full_like(y, num_classes)]))
-    cond, uncond = jnp.split(out, 2)
-    k = out.shape[-1] if channels is None else channels
-    guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
-    return jnp.concatenate([guided, cond[..., k:]], axis=-1)
+    return guide(*jnp.split(out, 2), scale, channels)
   return model_fn
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale: float, channels: int | None = 3) -> jax.Array:
+  """uncond + scale * (cond - uncond) on the first `channels` channels (None: all); the rest from `cond`."""
+  k = cond.shape[-1] if channels is None else channels
+  guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
+  return jnp.concatenate([guided, cond[..., k:]], axis=-1)
 
 
 def normal_kl(mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array) -> jax.Array:

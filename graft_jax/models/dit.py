@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from graft_jax.diffusion import guide
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
 
@@ -153,11 +154,10 @@ class DiT(nn.Module):
     """Classifier-free guidance as the original DiT: the batch is [cond; uncond] with identical halves of x;
     eps = uncond + s (cond - uncond) on the first `guided_channels` channels (None: all), the rest from each half."""
     half = x[: x.shape[0] // 2]
-    out = self(jnp.concatenate([half, half]), t, y)
-    k = out.shape[-1] if guided_channels is None else guided_channels
-    cond, uncond = jnp.split(out[..., :k], 2)
-    guided = uncond + cfg_scale * (cond - uncond)
-    return jnp.concatenate([jnp.concatenate([guided, guided]), out[..., k:]], axis=-1)
+    cond, uncond = jnp.split(self(jnp.concatenate([half, half]), t, y), 2)
+    guided = guide(cond, uncond, cfg_scale, guided_channels)
+    k = cond.shape[-1] if guided_channels is None else guided_channels
+    return jnp.concatenate([guided, jnp.concatenate([guided[..., :k], uncond[..., k:]], axis=-1)])
 
 
 PAIR = "pair"

@@ -35,7 +35,7 @@ class SharedTimestepEmbedding(torch.nn.Module):
   embedding itself is checked against float64 numpy in test_embedding_functions_match_numpy."""
 
   def forward(self, timesteps):
-    return torch.from_numpy(np.asarray(timestep_embedding(jnp.asarray(timesteps.numpy()))))
+    return torch.from_numpy(np.array(timestep_embedding(jnp.asarray(timesteps.numpy()))))
 
 
 def original_state_dict(model):

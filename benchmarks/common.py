@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: median device time of a jitted function, and a results file that says how it was made."""
+"""Shared benchmark plumbing: a results file that says how it was made (timing: graft_jax.timing.median_ms)."""
 from __future__ import annotations
 
 import datetime
@@ -7,22 +7,8 @@ import pathlib
 import platform
 import subprocess
 import sys
-import time
 
 import jax
-import numpy as np
-
-
-def median_ms(fn, *args, warmup: int = 2, iters: int = 10) -> float:
-  """Median wall time of fn(*args) in ms, each call synchronised (block_until_ready), after compile + warm-up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3)
 
 
 def machine() -> dict:

@@ -7,7 +7,6 @@ excluded) and extrapolates to the paper's 200 epochs over 8k samples. Writes dis
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import tempfile
 
@@ -19,6 +18,7 @@ from graft_jax import graft
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.train import distill
+from graft_jax.train.metrics import read_metrics
 
 
 def main():
@@ -41,8 +41,7 @@ def main():
   with tempfile.TemporaryDirectory() as workdir:
     _, errors = distill.run_distill(config, DiT(teacher), params, student, student_params, graft.sites(edits), data,
                                     heldout, workdir)
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics" / "metrics.jsonl").read_text().split("\n")
-            if line]
+    rows = read_metrics(pathlib.Path(workdir) / "metrics" / "metrics.jsonl")
   steps_per_sec = float(np.median([r["steps_per_sec"] for r in rows[1:]]))  # the first interval holds compilation
   paper_steps = 200 * 8000 // 64
   result = {"layers": 14, "operator": "swa", "batch": 64, "steps_per_sec": steps_per_sec,

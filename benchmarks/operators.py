@@ -10,8 +10,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import median_ms, write_results
+from benchmarks.common import write_results
 from graft_jax.operators import build
+from graft_jax.timing import median_ms
 
 D = 1152
 OPERATORS = [("mha", {"backend": "cudnn"}), ("mha", {"backend": "xla"}), ("swa", {}), ("hyena_x", {}),

@@ -13,7 +13,6 @@ import copy
 import json
 import pathlib
 import shutil
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,9 @@ from graft_jax.data.demo import load_demo
 from graft_jax.data.images import save_grid
 from graft_jax.evaluation import domain
 from graft_jax.models import DiT, dit_config, init_params
+from graft_jax.timing import median_ms
 from graft_jax.train import finetune
+from graft_jax.train.metrics import read_metrics
 
 
 def teacher_dir(workdir: pathlib.Path) -> pathlib.Path:
@@ -66,18 +67,11 @@ def stage_compare(config, workdir: pathlib.Path) -> dict:
   return done
 
 
-def forward_latency_ms(model, params, batch: int, repeats: int = 5) -> float:
+def forward_latency_ms(model, params, batch: int) -> float:
   cfg = model.config
   x = jnp.zeros((batch, cfg.input_size, cfg.input_size, cfg.in_channels))
   t = jnp.zeros((batch,), jnp.int32)
-  fn = jax.jit(lambda p: model.apply({"params": p}, x, t, t))
-  jax.block_until_ready(fn(params))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(params))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3)
+  return median_ms(jax.jit(lambda p: model.apply({"params": p}, x, t, t)), params, warmup=1, iters=5)
 
 
 def models_to_compare(config, workdir: pathlib.Path) -> dict:
@@ -173,10 +167,6 @@ def render(r: dict) -> str:
   return "\n".join(lines)
 
 
-def _metrics(path: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
 def plot_losses(workdir: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -186,10 +176,10 @@ def plot_losses(workdir: pathlib.Path) -> None:
     runs[f"{name} stage 2"] = workdir / "variants" / name / "finetune" / "metrics" / "metrics.jsonl"
   fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
   for name, path in runs.items():
-    rows = _metrics(path)
+    rows = read_metrics(path)
     if rows:
       a.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-  rows = _metrics(workdir / "variants" / "graft" / "distill" / "metrics" / "metrics.jsonl")
+  rows = read_metrics(workdir / "variants" / "graft" / "distill" / "metrics" / "metrics.jsonl")
   for key in sorted(k for k in (rows[0] if rows else {}) if k.startswith("loss/")):
     b.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[5:])
   a.set(title="diffusion loss", xlabel="step", yscale="log")

@@ -78,6 +78,11 @@ def operator_shapes(spec: OpSpec, dim: int, tokens: int):
   return jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tokens, dim), jnp.float32))["params"]
 
 
+def shapes(tree):
+  """The tree's leaf shapes (arrays or jax.ShapeDtypeStruct alike), for comparing parameter trees."""
+  return jax.tree.map(lambda leaf: tuple(leaf.shape), tree)
+
+
 def operator_params(spec: OpSpec, dim: int, tokens: int) -> int:
   return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(operator_shapes(spec, dim, tokens)))
 
@@ -176,9 +181,9 @@ def operator_edit(entry: dict, teacher: DiTConfig, where: str) -> Edit:
     raise PlanError(f"{where}: layer {pairs[0]} is a parallel pair, whose operators a plan cannot swap.")
   for i in layers:
     before = teacher.layers[i].site(site)
-    if init == "teacher" and (before.name != op.name or jax.tree.map(
-        lambda s: s.shape, operator_shapes(before, teacher.hidden_size, teacher.num_tokens)) != jax.tree.map(
-            lambda s: s.shape, operator_shapes(op, teacher.hidden_size, teacher.num_tokens))):
+    if init == "teacher" and (before.name != op.name or shapes(operator_shapes(
+        before, teacher.hidden_size, teacher.num_tokens)) != shapes(operator_shapes(op, teacher.hidden_size,
+                                                                                      teacher.num_tokens))):
       raise PlanError(f"{where}: init 'teacher' needs the teacher's operator with the same shapes at layer {i} "
                       f"{site}, but the teacher has {before.name} there.")
   return Edit(site, layers, op, init)
@@ -239,7 +244,7 @@ def graft(teacher: DiTConfig, teacher_params, edits: Sequence[Edit], key: jax.Ar
           new = loaded[f"blocks_{i}"][edit.site]
         except KeyError:
           raise PlanError(f"stage-1 folder {edit.init} holds no weights for layer {i} {edit.site}.") from None
-        if jax.tree.map(np.shape, new) != jax.tree.map(lambda s: s.shape, want):
+        if shapes(new) != shapes(want):
           raise PlanError(f"stage-1 weights for layer {i} {edit.site} in {edit.init} do not fit {edit.op.name}.")
       else:
         new = init_operator(edit.op, teacher.hidden_size, teacher.num_tokens,
@@ -266,7 +271,7 @@ def pair_params(teacher: DiTConfig, teacher_params, edits: Sequence[Edit]) -> di
     init = inits[group[0]]
     if init != "teacher":
       new = loaded[init].get(f"blocks_{n}")
-      if new is None or jax.tree.map(np.shape, new) != jax.tree.map(np.shape, pair):
+      if new is None or shapes(new) != shapes(pair):
         raise PlanError(f"stage-1 folder {init} holds no parallel pair fitting layer {n} (teacher layers {group}).")
       pair = new
     params[f"blocks_{n}"] = pair

@@ -36,6 +36,12 @@ class DataSource(Protocol):
   def restore(self, state: Mapping[str, Any]) -> None: ...
 
 
+def read_metrics(path: str | pathlib.Path) -> list[dict[str, float]]:
+  """The rows a Reporter wrote to metrics.jsonl (none when the file does not exist)."""
+  path = pathlib.Path(path)
+  return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
 def summary_writer(logdir: pathlib.Path):
   """clu's TensorBoard writer (asynchronous), or None where tensorflow or tensorboard, which it needs, is missing."""
   missing = [name for name in ("tensorflow", "tensorboard") if importlib.util.find_spec(name) is None]

@@ -68,6 +68,15 @@ def test_chunked_ssd_gradients_finite_under_strong_decay():
     assert rel_err(g, g_ref) < 1e-4  # measured 9e-6: within-chunk cumulative sums reach -300 here
 
 
+def test_bfloat16_inputs_multiply_in_bfloat16_and_stay_close():
+  """bf16 operands with float32 accumulation: within bf16 rounding of the float32 oracle, and a float32 result."""
+  x, dt, A, B, C = ssd_inputs(40, seed=3)
+  expected = ssm.ssd_reference(x, dt, A, B, C)
+  got = jax.jit(functools.partial(ssm.ssd_chunked, chunk_size=16))(x.astype(jnp.bfloat16), dt, A, B, C)
+  assert got.dtype == jnp.float32
+  assert 1e-4 < rel_err(got, expected) < 3e-2  # above: the matmuls really ran in bf16
+
+
 def test_bidirectional_ssd_is_two_causal_scans_minus_diagonal():
   x, dt, A, B, C = ssd_inputs(37)
   flip = lambda t: jnp.flip(t, 1)

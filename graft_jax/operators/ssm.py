@@ -67,8 +67,13 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64):
   """The same map as `ssd_reference`, by chunks: quadratic attention-like form inside a chunk, recurrence across.
 
   The tail is padded with dt = 0 (decay 1, no input), so padded steps are identities and never reach real outputs.
+  Decays, cumulative sums and the scan across chunks are float32; the four matmuls take their operands in x's dtype
+  and accumulate in float32 (as mamba_ssm's kernels do), so bfloat16 inputs halve the traffic of the (l, m) mixing
+  tensors, which dominate at short lengths.
   """
   b, n, h, p = x.shape
+  dtype = x.dtype
+  mm = lambda spec, u, v: jnp.einsum(spec, u.astype(dtype), v.astype(dtype), preferred_element_type=_F32)
   size = min(chunk_size, n)
   pad = -n % size
   x, dt, B, C = (jnp.pad(t.astype(_F32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
@@ -77,12 +82,12 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64):
   B, C = B.reshape(b, c, size, -1), C.reshape(b, c, size, -1)
   a = jnp.cumsum((dt * A.astype(_F32)).reshape(b, c, size, h), axis=2)  # log-decay from chunk start, (b, c, l, h)
 
-  mix = jnp.einsum("bcls,bcms->bclm", C, B)[:, :, None] * _decay_matrix(jnp.moveaxis(a, 3, 2))
-  y = jnp.einsum("bchlm,bcmhp->bclhp", mix, xdt)
+  mix = mm("bcls,bcms->bclm", C, B)[:, :, None] * _decay_matrix(jnp.moveaxis(a, 3, 2))
+  y = mm("bchlm,bcmhp->bclhp", mix, xdt)
   # Decays scale the (b, c, l, h, p) operands elementwise, so each contraction is one matmul batched over chunks.
-  states = jnp.einsum("bcls,bclhp->bchps", B, xdt * jnp.exp(a[:, :, -1:] - a)[..., None])
+  states = mm("bcls,bclhp->bchps", B, xdt * jnp.exp(a[:, :, -1:] - a)[..., None])
   entering = _entering_states(states, a[:, :, -1])
-  y = y + jnp.einsum("bcls,bchps->bclhp", C, entering) * jnp.exp(a)[..., None]
+  y = y + mm("bcls,bchps->bclhp", C, entering) * jnp.exp(a)[..., None]
   return y.reshape(b, c * size, h, p)[:, :n]
 
 

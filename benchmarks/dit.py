@@ -1,0 +1,129 @@
+"""DiT-XL/2 on one accelerator, bf16: the stage-2 train step (AdamW + EMA) and the forward pass at batch 256, and
+the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
+
+python benchmarks/dit.py [--what train,forward,depth] [--out benchmarks/results]
+The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
+JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json and depth_to_width.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import write_results
+from graft_jax import graft
+from graft_jax.models import DiT, dit_config, init_params
+from graft_jax.timing import median_ms
+from graft_jax.train import finetune, partition
+from graft_jax.train.state import cast_floating, create_state
+
+
+def peak_memory_gb(device=None) -> float | None:
+  stats = (device or jax.devices()[0]).memory_stats() or {}
+  return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
+def batch_of(size: int, key: int = 0) -> dict:
+  rng = np.random.default_rng(key)
+  return {"x": rng.standard_normal((size, 32, 32, 4), np.float32),
+          "y": rng.integers(0, 1000, size).astype(np.int32)}
+
+
+def train_step_ms(config, model, params, mesh, batch, iters: int = 10) -> float:
+  """Median ms of the real stage-2 step (donated state, so each call feeds the next), after compile + warm-up."""
+  optimizer = finetune.make_optimizer(config)
+  state, shardings = create_state(config, params, mesh, optimizer)
+  step = partition.jit_step(finetune.make_train_step(config, model, finetune.diffusion_for(model), optimizer),
+                            shardings, mesh)
+  batch = partition.shard_batch(mesh, batch)
+  times = []
+  for i in range(iters + 3):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    if i >= 3:  # compile and two warm-up steps excluded
+      times.append(time.perf_counter() - start)
+  if not np.isfinite(float(metrics["loss"])):
+    raise RuntimeError("the benchmarked train step produced a non-finite loss")
+  return float(np.median(times) * 1e3)
+
+
+def forward_ms(model, params, batch) -> float:
+  params = cast_floating(params, jnp.bfloat16)
+  x, t, y = jnp.asarray(batch["x"], jnp.bfloat16), jnp.full(batch["y"].shape, 500), jnp.asarray(batch["y"])
+  return median_ms(jax.jit(model.apply), {"params": params}, x, t, y)
+
+
+def bench_train(batch_size: int) -> list[dict]:
+  cfg = dit_config("DiT-XL/2")
+  model, params = DiT(cfg), init_params(cfg, jax.random.key(0))
+  config = finetune.default_config()
+  config.update(dict(batch_size=batch_size, mesh={"data": 1, "fsdp": 1}))
+  mesh = partition.make_mesh(config.mesh, jax.devices()[:1])
+  ms = train_step_ms(config, model, params, mesh, batch_of(batch_size))
+  train = {"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "ms": ms,
+           "img_per_s": batch_size / ms * 1e3, "peak_mem_gb": peak_memory_gb()}
+  print(train, flush=True)
+  fwd = forward_ms(model, params, batch_of(batch_size))
+  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "ms": fwd, "img_per_s": batch_size / fwd * 1e3}
+  print(forward, flush=True)
+  return [train, forward]
+
+
+def bench_depth() -> list[dict]:
+  teacher = dit_config("DiT-XL/2")
+  params = init_params(teacher, jax.random.key(0))
+  edits = graft.parse_plan([{"kind": "parallel_pairs", "layers": "all"}], teacher)
+  student, student_params = graft.graft(teacher, params, edits, jax.random.key(1))
+  rows = []
+  for batch_size in (2, 256):
+    batch = batch_of(batch_size)
+    t_ms = forward_ms(DiT(teacher), params, batch)
+    s_ms = forward_ms(DiT(student), student_params, batch)
+    rows.append({"batch": batch_size, "teacher_depth": teacher.depth, "student_layers": len(student.layers),
+                 "teacher_ms": t_ms, "parallel_ms": s_ms, "speedup": t_ms / s_ms})
+    print(rows[-1], flush=True)
+  return rows
+
+
+def torch_rows(path: str | None) -> dict:
+  if not path:
+    return {}
+  rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+  return {r["what"]: r for r in rows}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--what", default="train,forward,depth")
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py in the same run")
+  parser.add_argument("--out", default="benchmarks/results")
+  args = parser.parse_args()
+  what = args.what.split(",")
+  if "train" in what or "forward" in what:
+    train, forward = bench_train(args.batch)
+    ref = torch_rows(args.torch)
+    extra = {"torch_reference": list(ref.values())}
+    compiled_train = ref.get("dit_xl2_train_amp_bf16_compiled_adamw")
+    compiled_fwd = ref.get("dit_xl2_fwd_bf16_compiled")
+    if compiled_train:
+      train["vs_torch_compile"] = train["img_per_s"] / compiled_train["img_per_s"]
+      train["target_met"] = train["vs_torch_compile"] >= 1.2 and (train["peak_mem_gb"] or 0) < 80
+    if compiled_fwd:
+      forward["vs_torch_compile"] = forward["img_per_s"] / compiled_fwd["img_per_s"]
+      forward["target_met"] = forward["vs_torch_compile"] >= 1.15
+    extra["targets"] = {"train_vs_torch_compile": 1.2, "forward_vs_torch_compile": 1.15, "train_peak_mem_gb": 80}
+    print(write_results("dit_xl2", [train, forward], extra, args.out))
+  if "depth" in what:
+    print(write_results("depth_to_width", bench_depth(), {"dtype": "bfloat16", "attention": "auto (cuDNN)"},
+                        args.out))
+
+
+if __name__ == "__main__":
+  main()

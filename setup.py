@@ -1,7 +1,9 @@
 """graft_jax: grafting pretrained diffusion transformers in JAX/Flax."""
 from setuptools import find_packages, setup
 
-TORCH = ["torch==2.13.0", "safetensors>=0.4"]
+# torch 2.14.1 with torchvision 0.29.1: the pair the FID Inception parity tests need (torchvision builds the
+# reference network); the converter alone works with any torch >= 2.13.
+TORCH = ["torch>=2.13,<=2.14.1", "safetensors>=0.4"]
 
 setup(
     name="graft_jax",
@@ -18,7 +20,9 @@ setup(
     ],
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["diffusers==0.42.*", "pytest>=8", "pytest-xdist>=3", "scipy>=1.11",
-                         "tensorflow-cpu>=2.16", "tensorboard>=2.16"],
+        "test": TORCH + ["torch==2.14.1", "torchvision==0.29.1", "pytorch-fid>=0.3", "torch-fidelity>=0.3",
+                         "diffusers==0.42.*", "transformers>=4.40", "sentencepiece>=0.2", "protobuf>=4",
+                         "pytest>=8", "pytest-xdist>=3", "scipy>=1.11", "tensorflow-cpu>=2.16",
+                         "tensorboard>=2.16"],
     },
 )

@@ -10,11 +10,18 @@ import shutil
 import tempfile
 
 import jax
-import orbax.checkpoint as ocp
+import numpy as np
 
+from graft_jax import hosts
+from graft_jax.evaluation.inception import InceptionConfig, InceptionV3
 from graft_jax.models import DiT, DiTConfig
+from graft_jax.models.config import PixArtConfig
+from graft_jax.models.pixart import PixArt
+from graft_jax.models.t5 import T5Config, T5Encoder
 
-_MODELS = {"dit": (DiTConfig, DiT)}
+_MODELS = {"dit": (DiTConfig, DiT), "t5_encoder": (T5Config, T5Encoder)}
+_MODELS["inception"] = (InceptionConfig, InceptionV3)  # the FID network, from convert/inception.py
+_MODELS["pixart"] = (PixArtConfig, PixArt)  # from convert/pixart.py
 
 
 def save(out_dir: str | pathlib.Path, config, params) -> pathlib.Path:
@@ -25,8 +32,9 @@ def save(out_dir: str | pathlib.Path, config, params) -> pathlib.Path:
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   try:
     (tmp / "config.json").write_text(config.dumps())
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / "params", jax.tree.map(jax.numpy.asarray, params))
+    with hosts.local_checkpointer() as ckptr:
+      # Host arrays: orbax refuses single-device jax arrays in a multi-process run (they look like pmap shards).
+      ckptr.save(tmp / "params", jax.tree.map(np.asarray, params))
     if out.exists():
       out.rmdir()
     tmp.rename(out)
@@ -50,6 +58,7 @@ def load(model_dir: str | pathlib.Path):
   """(model, params) such that `model.apply({"params": params}, x, t, y)` runs the saved model."""
   config = load_config(model_dir)
   _, model_cls = _MODELS[config.to_json()["model"]]
-  with ocp.StandardCheckpointer() as ckptr:
+  with hosts.local_checkpointer() as ckptr:
     params = ckptr.restore(pathlib.Path(model_dir).absolute() / "params")
-  return model_cls(config), params
+  # On the default device, as before exports were saved from host arrays: callers time and apply them as they are.
+  return model_cls(config), jax.tree.map(jax.numpy.asarray, params)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax import checkpoints, graft, pipeline
-from graft_jax.data.arrays import ArrayIterator
+from graft_jax import checkpoints, graft, hosts, pipeline
+from graft_jax.data.arrays import host_iterator
 from graft_jax.data.demo import load_demo
 from graft_jax.data.images import save_grid
 from graft_jax.evaluation import domain
@@ -36,12 +36,14 @@ def teacher_dir(workdir: pathlib.Path) -> pathlib.Path:
 def stage_teacher(config, workdir: pathlib.Path) -> dict:
   """Trains the teacher with DiT's diffusion loss from scratch; its EMA weights become workdir/teacher."""
   cfg = dit_config(config.model.preset, **config.model.overrides)
-  x, y = load_demo("train")
+  x, y = load_demo("train", size=config.data.resolution)
   out = finetune.run_finetune(config.teacher, DiT(cfg), init_params(cfg, jax.random.key(config.seed)),
-                              ArrayIterator({"x": x, "y": y}, config.teacher.batch_size, config.seed),
+                              host_iterator({"x": x, "y": y}, config.teacher.batch_size, config.seed),
                               workdir / "teacher_run")
-  shutil.rmtree(teacher_dir(workdir), ignore_errors=True)
-  checkpoints.save(teacher_dir(workdir), cfg, jax.device_get(out["ema"]))
+  ema = hosts.fetch(out["ema"])
+  if hosts.is_writer():
+    shutil.rmtree(teacher_dir(workdir), ignore_errors=True)
+    checkpoints.save(teacher_dir(workdir), cfg, ema)
   return {"steps": out["step"], "batch_size": config.teacher.batch_size}
 
 
@@ -105,16 +107,18 @@ def training_cost(config, workdir: pathlib.Path) -> dict:
 
 
 def stage_report(config, workdir: pathlib.Path) -> dict:
-  net, net_params, meta = domain.load_or_train(workdir / "domain_net.npz", config.report.domain_net_steps)
-  test_x, test_y = load_demo("test")
-  train_x, _ = load_demo("train")
+  size = config.data.resolution
+  net, net_params, meta = domain.load_or_train(workdir / "domain_net.npz", config.report.domain_net_steps, size=size)
+  test_x, test_y = load_demo("test", size=size)
+  train_x, _ = load_demo("train", size=size)
   reference = domain.reference_statistics(net, net_params, train_x)
   rows = {}
   grids = workdir / "grids"
   for name, (model, params) in models_to_compare(config, workdir).items():
     images, labels = pipeline.sample_images(model, params, config.sample, f"report {name}")
-    save_grid(images[np.argsort(labels, kind="stable")], grids / f"{name}.png", nrow=config.sample.per_class
-              if config.sample.per_class <= 16 else 10)
+    if hosts.is_writer():
+      save_grid(images[np.argsort(labels, kind="stable")], grids / f"{name}.png", nrow=config.sample.per_class
+                if config.sample.per_class <= 16 else 10)
     floats = images[..., :1].astype(np.float32) / 127.5 - 1.0
     fd = domain.frechet_distance_to(net, net_params, floats, reference)
     acc = domain.class_accuracy(net, net_params, floats, labels)
@@ -135,9 +139,10 @@ def stage_report(config, workdir: pathlib.Path) -> dict:
       "graft_fd_over_teacher": graft_fd / teacher_fd,
       "under_10pct_of_teacher_steps": report["cost"]["steps_fraction"] < 0.10,
       "control_worse_than_graft": control_fd > graft_fd}
-  (workdir / "report.json").write_text(json.dumps(report, indent=1))
-  (workdir / "report.md").write_text(render(report))
-  plot_losses(workdir)
+  if hosts.is_writer():
+    (workdir / "report.json").write_text(json.dumps(report, indent=1))
+    (workdir / "report.md").write_text(render(report))
+    plot_losses(workdir)
   print(render(report), flush=True)
   return {"report": "report.md", "claims": report["claims"]}
 

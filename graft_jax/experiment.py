@@ -40,6 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune = finetune.default_config()
   c.sample = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, cfg_scale=1.5, guided_channels=3,
                                             per_class=50, batch_size=250, seed=0))
+  # Several processes (hosts): set coordinator_address, num_processes and process_id (or the JAX_* environment
+  # variables), or auto=True where JAX detects the cluster itself (Cloud TPU pods, SLURM). Unset: one process.
+  placeholder = ml_collections.config_dict.placeholder
+  c.distributed = ml_collections.ConfigDict(dict(auto=False, coordinator_address=placeholder(str),
+                                                 num_processes=placeholder(int), process_id=placeholder(int)))
   return c
 
 
@@ -50,7 +55,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for entry in c.graft:
     if "num_heads" in entry.get("config", {}):
       entry["config"]["num_heads"] = 2
-  c.data.source, c.data.heldout = "demo", 32
+  c.data.source, c.data.heldout, c.data.resolution = "demo", 32, 16
   c.distill.update(dict(steps=4, batch_size=16, log_every=2, checkpoint_every=2))
   c.finetune.update(dict(steps=4, batch_size=16, warmup_steps=2, log_every=2, checkpoint_every=2,
                          compute_dtype="float32"))
@@ -85,3 +90,61 @@ def parallel_experiment(arg: str | None) -> ml_collections.ConfigDict:
   c.data.finetune_path = "data/imagenet256_320pc"  # 25% of ImageNet: 320 images per class
   c.finetune.update(dict(steps=200_000, lr_milestones=(75_000, 150_000)))
   return shrink(c) if args.get("shrink", "0") not in ("0", "") else c
+
+
+DEMO_OPERATORS = {"swa": dict(num_heads=4, window=4), "hyena_x": dict()}
+
+
+def demo_experiment(arg: str | None) -> ml_collections.ConfigDict:
+  """configs/demo.py: the embedded default on the demo digits at 16x16 (see that file)."""
+  args = parse_arg(arg)
+  operator = args.get("operator", "swa")
+  if operator not in DEMO_OPERATORS or set(args) - {"operator", "shrink"}:
+    raise ValueError(f"demo arguments are operator={'|'.join(DEMO_OPERATORS)} and shrink=1, got {arg!r}.")
+  c = base_config()
+  c.model = ml_collections.ConfigDict(dict(checkpoint="", preset="DiT-S/2", overrides=dict(
+      depth=4, hidden_size=64, num_heads=4, input_size=16, in_channels=1, num_classes=10)))
+  c.graft = [dict(site="attn", layers="odd", operator=operator, config=DEMO_OPERATORS[operator], init="fresh")]
+  c.data.source, c.data.heldout, c.data.resolution = "demo", 128, 16
+  c.stages = ("teacher", "compare", "report")
+  # The teacher: DiT's diffusion loss from scratch. Short runs need a short EMA horizon.
+  c.teacher = ml_collections.ConfigDict(c.finetune.to_dict())
+  c.teacher.update(dict(steps=3000, batch_size=64, lr=2e-3, warmup_steps=100, ema_decay=0.999, grad_clip=1.0,
+                        compute_dtype="float32", log_every=200, checkpoint_every=1000))
+  c.distill.update(dict(steps=150, batch_size=64, lr=2e-3, log_every=50, checkpoint_every=150))
+  c.finetune.update(dict(steps=120, batch_size=64, lr=3e-4, warmup_steps=10, ema_decay=0.99, grad_clip=1.0,
+                         compute_dtype="float32", log_every=40, checkpoint_every=120))
+  c.sample.update(dict(sampler="ddim", steps=25, cfg_scale=2.0, guided_channels=None, per_class=50, batch_size=250))
+  c.report = ml_collections.ConfigDict(dict(latency_batch=64, domain_net_steps=600))
+  if args.get("shrink", "0") not in ("0", ""):
+    c.model.overrides.update(dict(depth=2, hidden_size=32, num_heads=2))
+    if "num_heads" in c.graft[0]["config"]:
+      c.graft[0]["config"] = dict(c.graft[0]["config"], num_heads=2)
+    c.teacher.update(dict(steps=20, batch_size=16, warmup_steps=2, log_every=10, checkpoint_every=20))
+    c.distill.update(dict(steps=4, batch_size=16, log_every=2, checkpoint_every=4))
+    c.finetune.update(dict(steps=4, batch_size=16, warmup_steps=2, log_every=2, checkpoint_every=4))
+    c.sample.update(dict(steps=3, per_class=2, batch_size=20))
+    c.data.heldout = 32
+    c.report.domain_net_steps = 50
+  return c
+
+
+def demo_gpu_experiment(arg: str | None) -> ml_collections.ConfigDict:
+  """configs/demo_gpu.py: the demo at the paper's token count (32x32 digits, patch 2: 256 tokens) with a DiT-B-sized
+  teacher (depth 12, width 768, 12 heads), bf16 compute, for one GPU. With shrink=1 it is the demo's tiny version
+  at 32 px."""
+  c = demo_experiment(arg)
+  c.model.overrides.input_size = c.data.resolution = 32
+  if parse_arg(arg).get("shrink", "0") not in ("0", ""):
+    return c
+  c.model.overrides.update(dict(depth=12, hidden_size=768, num_heads=12))
+  if "num_heads" in c.graft[0]["config"]:
+    c.graft[0]["config"] = dict(c.graft[0]["config"], num_heads=12)
+  c.teacher.update(dict(steps=3000, batch_size=128, lr=5e-4, warmup_steps=200, compute_dtype="bfloat16",
+                        log_every=250, checkpoint_every=1000))
+  c.distill.update(dict(steps=300, batch_size=128, lr=1e-3, compute_dtype="bfloat16", log_every=100,
+                        checkpoint_every=300))
+  c.finetune.update(dict(steps=240, batch_size=128, lr=2e-4, warmup_steps=20, compute_dtype="bfloat16",
+                         log_every=80, checkpoint_every=240))
+  c.report.latency_batch = 256
+  return c

@@ -15,6 +15,8 @@ A depth-to-width edit `{kind: "parallel_pairs", layers, init}` turns layers (i, 
             or the path of a stage-1 export
 A plan with pairs swaps no operators, and its teacher is sequential, so a plan's layer numbers are always the
 teacher's. Everything is validated before any weight is touched; errors are one sentence (PlanError).
+A PixArt teacher (PixArtConfig) takes operator edits the same way, at its blocks' self-attention ("attn") and MLP
+sites; parallel pairs are for DiT only.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax import operators
-from graft_jax.models.config import DiTConfig, OpSpec, ParallelPairSpec
+from graft_jax.models.config import DiTConfig, OpSpec, ParallelPairSpec, PixArtConfig
 from graft_jax.models.dit import PAIR, merge_init
 from graft_jax.operators.flops import operator_flops
 
@@ -142,6 +144,8 @@ def pair_edit(entry: dict, teacher: DiTConfig, where: str) -> Edit:
   unknown = set(entry) - {"layers", "init"}
   if unknown:
     raise PlanError(f"{where} has unknown field(s) {sorted(unknown)}.")
+  if not isinstance(teacher, DiTConfig):
+    raise PlanError(f"{where}: parallel_pairs is a DiT edit; {teacher.TITLE} teacher can only swap operators.")
   if teacher.num_pairs:
     raise PlanError(f"{where}: parallel_pairs needs a sequential teacher, and this one already has parallel pairs.")
   init = str(entry.get("init", "teacher"))
@@ -289,13 +293,27 @@ def model_flops(config: DiTConfig) -> int:
   ops = sum(operator_flops(block.site(s).name, block.site(s).config, d, n)
             for block in config.blocks for s in operators.SITES)
   embed = 2 * n * p * p * config.in_channels * d + 2 * (256 * d + d * d)
+  if isinstance(config, PixArtConfig):
+    return ops + embed + pixart_flops(config) + 2 * n * d * p * p * config.out_channels
   adaln = 2 * d * 6 * d * len(config.blocks) + 2 * d * 2 * d
   merges = config.num_pairs * 2 * n * 2 * d * d
   return ops + embed + adaln + merges + 2 * n * d * p * p * config.out_channels
 
 
-def model_params(config: DiTConfig) -> int:
-  from graft_jax.models.dit import init_params
+def pixart_flops(config: PixArtConfig) -> int:
+  """What PixArt adds to the shared parts: the one t_block, the caption projection, and per block the
+  cross-attention to the caption (q and output projections on image tokens, k and v on caption tokens)."""
+  d, n, length = config.hidden_size, config.num_tokens, config.caption_length
+  caption = 2 * length * (config.caption_channels * d + d * d)
+  cross = 2 * n * d * d * 2 + 2 * length * d * 2 * d + 2 * 2 * n * length * d
+  return 2 * d * 6 * d + caption + cross * config.depth
+
+
+def model_params(config: DiTConfig | PixArtConfig) -> int:
+  if isinstance(config, PixArtConfig):
+    from graft_jax.models.pixart import init_params
+  else:
+    from graft_jax.models.dit import init_params
   shapes = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
   return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
 

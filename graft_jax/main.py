@@ -12,6 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from graft_jax import pipeline
+from graft_jax.train import partition
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/demo.py[:arg]",
                                           lock_config=True)
@@ -29,6 +30,8 @@ class _QuietCheckpointing(logging.Filter):
 def main(argv):
   del argv
   logging.getLogger("absl").addFilter(_QuietCheckpointing())
+  # First, before any device is touched: joins the other processes of a multi-host run (a no-op for one process).
+  partition.maybe_initialize_distributed(_CONFIG.value.get("distributed"))
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except pipeline.UserError as e:

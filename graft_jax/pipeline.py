@@ -15,8 +15,8 @@ import time
 import jax
 import numpy as np
 
-from graft_jax import checkpoints, graft
-from graft_jax.data.arrays import ArrayIterator
+from graft_jax import checkpoints, graft, hosts
+from graft_jax.data.arrays import host_iterator
 from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.sample import generate, make_sampler, sample_labels, save_npz, shard_over
@@ -50,7 +50,7 @@ def load_arrays(config, which: str) -> dict[str, np.ndarray]:
   source = config.data.source
   if source == "demo":
     from graft_jax.data.demo import load_demo
-    x, y = load_demo("train")
+    x, y = load_demo("train", size=config.data.resolution)
     return {"x": x, "y": y}
   if source not in ("latents", "npz"):
     raise UserError(f"data.source must be 'demo', 'latents' or 'npz', got {source!r}.")
@@ -84,13 +84,14 @@ def stage_distill(config, workdir: pathlib.Path) -> dict:
   held = config.data.heldout
   if held >= len(arrays["y"]):
     raise UserError(f"data.heldout ({held}) leaves no training data out of {len(arrays['y'])} samples.")
-  train = ArrayIterator({k: v[held:] for k, v in arrays.items()}, config.distill.batch_size, config.seed)
+  train = host_iterator({k: v[held:] for k, v in arrays.items()}, config.distill.batch_size, config.seed)
   heldout = [{k: v[i:i + config.distill.batch_size] for k, v in arrays.items()}
              for i in range(0, held - config.distill.batch_size + 1, config.distill.batch_size)]
   c = distill.resolve_schedule(config.distill, train.batches_per_epoch)
   scions, errors = distill.run_distill(c, teacher, teacher_params, student, student_params, graft.sites(edits),
                                        train, heldout, workdir / "distill")
-  distill.save_scions(workdir / "stage1", scions, {"heldout_relative_error": errors, "steps": c.steps})
+  if hosts.is_writer():
+    distill.save_scions(workdir / "stage1", scions, {"heldout_relative_error": errors, "steps": c.steps})
   return {"heldout_relative_error": errors, "steps": c.steps}
 
 
@@ -106,11 +107,13 @@ def stage_finetune(config, workdir: pathlib.Path) -> dict:
   teacher, teacher_params = load_teacher(config)
   student, params = student_from_stage1(config, workdir, teacher, teacher_params)
   arrays = load_arrays(config, "finetune")
-  data = ArrayIterator(arrays, config.finetune.batch_size, config.seed + 1)
+  data = host_iterator(arrays, config.finetune.batch_size, config.seed + 1)
   out = finetune.run_finetune(config.finetune, DiT(student), params, data, workdir,
                               teacher=(teacher, teacher_params) if "teacher" in config.finetune.loss else None)
-  shutil.rmtree(workdir / "student", ignore_errors=True)  # a run stopped after the export but before its marker
-  checkpoints.save(workdir / "student", student, jax.device_get(out["ema"]))
+  ema = hosts.fetch(out["ema"])  # a collective: every process takes part, one writes
+  if hosts.is_writer():
+    shutil.rmtree(workdir / "student", ignore_errors=True)  # a run stopped after the export but before its marker
+    checkpoints.save(workdir / "student", student, ema)
   return {"steps": out["step"], "student": "student"}
 
 
@@ -133,8 +136,9 @@ def stage_sample(config, workdir: pathlib.Path) -> dict:
   model, params = checkpoints.load(workdir / "student") if (workdir / "student").exists() else load_teacher(config)
   images, labels = sample_images(model, params, config.sample)
   per_row = config.sample.per_class
-  save_grid(images, workdir / "samples.png", nrow=per_row if 1 < per_row <= 16 else 10)
-  save_npz(images, labels, workdir / "samples.npz")
+  if hosts.is_writer():
+    save_grid(images, workdir / "samples.png", nrow=per_row if 1 < per_row <= 16 else 10)
+    save_npz(images, labels, workdir / "samples.npz")
   return {"images": int(len(images)), "grid": "samples.png", "npz": "samples.npz"}
 
 
@@ -142,9 +146,11 @@ STAGES = {"distill": stage_distill, "finetune": stage_finetune, "sample": stage_
 
 
 def stage_registry() -> dict:
-  """Every stage by name: the grafting stages here and the demo's own (teacher, compare, report)."""
+  """Every stage by name: the grafting stages here, the demo's own (teacher, compare, report) and the evaluation
+  jobs (evaluate, benchmark, analyze)."""
   from graft_jax import demo  # demo builds on this module
-  return {**STAGES, **demo.STAGES}
+  from graft_jax.evaluation import analysis, benchmark, job  # so do these
+  return {**STAGES, **demo.STAGES, **benchmark.STAGES, **analysis.STAGES, **job.STAGES}
 
 
 def run(config, workdir) -> None:
@@ -153,22 +159,30 @@ def run(config, workdir) -> None:
   unknown = [s for s in config.stages if s not in stages]
   if unknown:
     raise UserError(f"unknown stage(s) {unknown}; known stages are {sorted(stages)}.")
+  # With several processes only process 0 writes files (see graft_jax.hosts); all of them run every stage.
+  writer = hosts.is_writer()
   if config.graft:  # a bad plan or a missing teacher fails here, before any weight is loaded or step taken
     teacher = teacher_config(config)
     summary = graft.summary(teacher, graft.student_config(teacher, plan(config, teacher)))
+    if writer:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / "graft_summary.json").write_text(json.dumps(summary, indent=1))
+      (workdir / "graft_summary.md").write_text(graft.format_summary(summary) + "\n")
+      print(graft.format_summary(summary).splitlines()[-1], flush=True)
+  if writer:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "graft_summary.json").write_text(json.dumps(summary, indent=1))
-    (workdir / "graft_summary.md").write_text(graft.format_summary(summary) + "\n")
-    print(graft.format_summary(summary).splitlines()[-1], flush=True)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
   for name in config.stages:
     marker = workdir / "stages" / f"{name}.json"
+    # Every process must reach the same decision, so the marker is read only after process 0 could have written it.
+    hosts.barrier(f"before {workdir}/{name}")
     if marker.exists():
       print(f"{name}: already done ({marker})")
       continue
     print(f"{name}: starting", flush=True)
     result = stages[name](config, workdir)
-    marker.parent.mkdir(exist_ok=True)
-    marker.write_text(json.dumps(result, indent=1, default=lambda o: np.asarray(o).tolist()))
+    if writer:
+      marker.parent.mkdir(exist_ok=True)
+      marker.write_text(json.dumps(result, indent=1, default=lambda o: np.asarray(o).tolist()))
     print(f"{name}: done -> {marker}", flush=True)
+  hosts.barrier(f"after {workdir}")

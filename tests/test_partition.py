@@ -198,7 +198,7 @@ def fake_distributed(monkeypatch):
 def test_distributed_not_requested(fake_distributed):
   assert not partition.maybe_initialize_distributed({})
   assert not partition.maybe_initialize_distributed(None)
-  assert not partition.maybe_initialize_distributed({"distributed": False, "num_processes": 2})
+  assert not partition.maybe_initialize_distributed({"auto": False, "num_processes": 2})
   assert fake_distributed == []
 
 
@@ -218,5 +218,5 @@ def test_distributed_from_environment(fake_distributed, monkeypatch):
 
 
 def test_distributed_auto_detect(fake_distributed):
-  assert partition.maybe_initialize_distributed({"distributed": True})
+  assert partition.maybe_initialize_distributed({"auto": True})
   assert fake_distributed == [{"coordinator_address": None, "num_processes": None, "process_id": None}]

@@ -68,7 +68,7 @@ def diffusers_to_original(tensors: Mapping[str, np.ndarray]) -> dict[str, np.nda
   return out
 
 
-def _operator(pool: KeyPool, prefix: str, site: str, dim: int, num_heads: int):
+def operator_from_pool(pool: KeyPool, prefix: str, site: str, dim: int, num_heads: int):
   tensors = pool.take_prefix(prefix)
   modules = frozenset(k.split(".")[0] for k in tensors)
   try:
@@ -122,8 +122,8 @@ def dit_from_torch(tensors: Mapping[str, np.ndarray], fmt: str = "auto", num_hea
   }
   layers = []
   for i in range(depth):
-    attn, attn_params = _operator(pool, f"blocks.{i}.attn.", "attn", dim, num_heads)
-    mlp, mlp_params = _operator(pool, f"blocks.{i}.mlp.", "mlp", dim, num_heads)
+    attn, attn_params = operator_from_pool(pool, f"blocks.{i}.attn.", "attn", dim, num_heads)
+    mlp, mlp_params = operator_from_pool(pool, f"blocks.{i}.mlp.", "mlp", dim, num_heads)
     layers.append(LayerSpec(attn, mlp))
     params[f"blocks_{i}"] = {"adaLN_modulation": dense_from_torch(pool.take_prefix(f"blocks.{i}.adaLN_modulation.1."),
                                                                   ""),
@@ -136,10 +136,11 @@ def dit_from_torch(tensors: Mapping[str, np.ndarray], fmt: str = "auto", num_hea
   return config, params
 
 
-def check_params(config: DiTConfig, params) -> None:
-  """The converted tree must have exactly the model's parameter paths and shapes (a missing bias, a wrong width)."""
+def check_params(config, params, init=init_params) -> None:
+  """The converted tree must have exactly the model's parameter paths and shapes (a missing bias, a wrong width);
+  `init(config, key)` makes the model's parameters (DiT's by default)."""
   want = {jax.tree_util.keystr(p): s.shape for p, s in
-          jax.tree_util.tree_leaves_with_path(jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)))}
+          jax.tree_util.tree_leaves_with_path(jax.eval_shape(lambda k: init(config, k), jax.random.key(0)))}
   have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
   wrong = [f"{k} missing (needs {want[k]})" for k in sorted(set(want) - set(have))]
   wrong += [f"{k} unexpected {have[k]}" for k in sorted(set(have) - set(want))]

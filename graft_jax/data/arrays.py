@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 
@@ -52,3 +53,20 @@ class ArrayIterator:
                        f"epoch).")
     self._epoch, self._index = epoch, index
     self._order = self._epoch_order(epoch)
+
+
+def host_iterator(arrays: Mapping[str, Any], batch_size: int, seed: int = 0, *, shuffle: bool = True,
+                  process_index: int | None = None, process_count: int | None = None) -> ArrayIterator:
+  """This process's part of global batches of `batch_size` rows: an ArrayIterator over its own rows.
+
+  Process p of P takes rows p, p + P, p + 2P, ... (the first floor(N / P) * P rows, as LatentReader does), so the
+  processes' batches are disjoint and their number per epoch is the same everywhere; each yields batch_size / P
+  rows, which the trainers assemble into one global array. With one process this is ArrayIterator itself.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if batch_size % process_count:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes.")
+  own = {name: np.asarray(array)[process_index:len(array) // process_count * process_count:process_count]
+         for name, array in arrays.items()}
+  return ArrayIterator(own, batch_size // process_count, seed, shuffle)

@@ -179,9 +179,10 @@ def load_domain_net(path: str | os.PathLike):
   return net, traverse_util.unflatten_dict(flat, sep="/"), meta
 
 
-def load_or_train(path: str | os.PathLike, steps: int = DEFAULT_STEPS, seed: int = 0):
-  """(net, params, meta): the checkpoint at `path`, trained on the demo train split and saved there if absent."""
+def load_or_train(path: str | os.PathLike, steps: int = DEFAULT_STEPS, seed: int = 0, size: int = 16):
+  """(net, params, meta): the checkpoint at `path`, trained on the demo train split (at `size` pixels) and saved
+  there if absent."""
   if not pathlib.Path(path).exists():
-    net, params, accuracy = train_domain_net(*load_demo("train"), steps=steps, seed=seed)
+    net, params, accuracy = train_domain_net(*load_demo("train", size=size), steps=steps, seed=seed)
     save_domain_net(path, net, params, accuracy)
   return load_domain_net(path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from graft_jax import operators
 
@@ -93,17 +93,11 @@ def layer_blocks(layer: Layer) -> tuple[LayerSpec, ...]:
   return layer.blocks if isinstance(layer, ParallelPairSpec) else (layer,)
 
 
-@dataclasses.dataclass(frozen=True)
-class DiTConfig:
-  input_size: int = 32          # latent height = width
-  patch_size: int = 2
-  in_channels: int = 4
-  hidden_size: int = 1152
-  num_heads: int = 16           # the teacher's heads; also what a re-created `mha` gets
-  num_classes: int = 1000       # index num_classes is the null class (CFG, label dropout)
-  learn_sigma: bool = True
-  class_dropout_prob: float = 0.1
-  layers: tuple[Layer, ...] = ()
+class LatentTransformerConfig:
+  """What DiT and PixArt configs share: a square latent cut into patches, and a tuple of layers that surgery edits
+  by (layer, site). Subclasses are frozen dataclasses with the fields these methods read."""
+  MODEL: ClassVar[str]   # the "model" entry of the JSON form, the key of checkpoints._MODELS
+  TITLE: ClassVar[str]   # for error messages
 
   @property
   def depth(self) -> int:
@@ -112,7 +106,7 @@ class DiTConfig:
 
   @property
   def blocks(self) -> tuple[LayerSpec, ...]:
-    """Every DiT block in order, the two of each parallel pair in turn."""
+    """Every block in order, the two of each parallel pair in turn."""
     return tuple(b for layer in self.layers for b in layer_blocks(layer))
 
   @property
@@ -135,28 +129,71 @@ class DiTConfig:
   def num_tokens(self) -> int:
     return self.grid_size ** 2
 
-  def replace(self, **changes) -> "DiTConfig":
+  def replace(self, **changes):
     return dataclasses.replace(self, **changes)
 
-  def with_layer(self, index: int, site: str, spec: OpSpec) -> "DiTConfig":
+  def with_layer(self, index: int, site: str, spec: OpSpec):
     layers = list(self.layers)
     layers[index] = dataclasses.replace(layers[index], **{site: spec})
     return self.replace(layers=tuple(layers))
 
   def to_json(self) -> dict[str, Any]:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
-    return {"model": "dit", **d, "layers": [layer.to_json() for layer in self.layers]}
+    return {"model": self.MODEL, **d, "layers": [layer.to_json() for layer in self.layers]}
 
   def dumps(self) -> str:
     return json.dumps(self.to_json(), indent=1)
 
   @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> "DiTConfig":
+  def from_json(cls, d: Mapping[str, Any]):
     d = dict(d)
-    if d.pop("model", "dit") != "dit":
-      raise ValueError("this model config does not describe a DiT")
+    if d.pop("model", "dit") != cls.MODEL:
+      raise ValueError(f"this model config does not describe {cls.TITLE}")
     layers = tuple(layer_from_json(layer) for layer in d.pop("layers"))
     return cls(**d, layers=layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig(LatentTransformerConfig):
+  MODEL: ClassVar[str] = "dit"
+  TITLE: ClassVar[str] = "a DiT"
+
+  input_size: int = 32          # latent height = width
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  num_heads: int = 16           # the teacher's heads; also what a re-created `mha` gets
+  num_classes: int = 1000       # index num_classes is the null class (CFG, label dropout)
+  learn_sigma: bool = True
+  class_dropout_prob: float = 0.1
+  layers: tuple[Layer, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PixArtConfig(LatentTransformerConfig):
+  """PixArt-alpha/Sigma: the defaults are PixArt-Sigma-XL/2 at 1024 px (128 x 128 SDXL latents, T5-XXL captions).
+
+  The position table's coordinates are divided by grid_size / base_size * pe_interpolation with base_size =
+  grid_size of `input_size` (PixArt's convention), so another resolution keeps the training-time spacing.
+  """
+  MODEL: ClassVar[str] = "pixart"
+  TITLE: ClassVar[str] = "a PixArt model"
+
+  input_size: int = 128         # latent size the model was trained at: sets base_size of the position table
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  num_heads: int = 16           # self-attention (as re-created `mha`) and cross-attention heads
+  caption_channels: int = 4096  # T5-XXL features
+  caption_length: int = 300     # tokens of a caption, and rows of the learned null caption
+  learn_sigma: bool = True
+  pe_interpolation: float = 2.0  # image_size / 512 in PixArt-Sigma (diffusers' interpolation_scale)
+  caption_dropout_prob: float = 0.1
+  layers: tuple[LayerSpec, ...] = ()
+
+  @property
+  def base_size(self) -> int:
+    return self.grid_size
 
 
 # DiT paper sizes: (depth, width, heads).
@@ -177,3 +214,14 @@ def dit_config(preset: str = "DiT-XL/2", **overrides) -> DiTConfig:
   fields = dict(patch_size=patch, hidden_size=width, num_heads=heads) | overrides
   layer = LayerSpec(OpSpec.make("mha", num_heads=fields["num_heads"]), OpSpec.make("mlp", ratio=mlp_ratio))
   return DiTConfig(**fields, layers=(layer,) * depth)
+
+
+def pixart_config(image_size: int = 1024, **overrides) -> PixArtConfig:
+  """PixArt-Sigma-XL/2 at `image_size` px (256, 512, 1024 or 2048; SDXL VAE, /8): 28 layers of width 1152 with 16
+  heads, pe_interpolation = image_size / 512. `depth`, `mlp_ratio` and any PixArtConfig field can be overridden."""
+  depth = overrides.pop("depth", 28)
+  mlp_ratio = overrides.pop("mlp_ratio", 4.0)
+  fields = dict(input_size=image_size // 8, pe_interpolation=image_size / 512) | overrides
+  heads = fields.get("num_heads", 16)
+  layer = LayerSpec(OpSpec.make("mha", num_heads=heads), OpSpec.make("mlp", ratio=mlp_ratio))
+  return PixArtConfig(**fields, layers=(layer,) * depth)

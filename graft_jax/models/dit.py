@@ -88,11 +88,17 @@ class DiTBlock(nn.Module):
     return update if self.update_only else h + mlp
 
   def site(self, name: str, h, gate):
-    self.sow("intermediates", f"{name}_in", h)
-    out = self.spec.site(name).build(self.dim).clone(name=name, parent=self)(h)
-    self.sow("intermediates", f"{name}_out", out)
-    self.sow("intermediates", f"{name}_gate", gate)
-    return gate * out
+    return operator_site(self, name, h, gate)
+
+
+def operator_site(block: nn.Module, name: str, h, gate):
+  """gate * op(h) for the operator `block.spec` names at site `name` (built at width `block.dim` as a submodule
+  called `name`), sowing its input, output and gate: what stage-1 distillation reads, in DiT and PixArt blocks."""
+  block.sow("intermediates", f"{name}_in", h)
+  out = block.spec.site(name).build(block.dim).clone(name=name, parent=block)(h)
+  block.sow("intermediates", f"{name}_out", out)
+  block.sow("intermediates", f"{name}_gate", gate)
+  return gate * out
 
 
 def merge_init(key, shape, dtype=jnp.float32):

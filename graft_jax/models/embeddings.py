@@ -15,16 +15,23 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None, scale: float = 1.0) -> np.ndarray:
+def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None, base_size: int | None = None,
+              interpolation: float = 1.0) -> np.ndarray:
   """(grid_h*grid_w, dim) float64 table, row-major tokens; first half encodes the column (w), second half the row (h).
 
-  `scale` divides the coordinates (PixArt's base_size / grid_size / pe_interpolation); DiT uses 1.
+  DiT: integer coordinates. PixArt (`base_size` given): each axis of n tokens has coordinates
+  arange(n) / (n / base_size) / interpolation, computed in float32 as both PixArt and diffusers do, so any grid spans
+  the range of the base grid and a checkpoint's stored table is reproduced exactly.
   """
   grid_w = grid_h if grid_w is None else grid_w
   if dim % 4:
     raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {dim}")
-  h, w = np.meshgrid(np.arange(grid_h, dtype=np.float64) / scale, np.arange(grid_w, dtype=np.float64) / scale,
-                     indexing="ij")
+
+  def coords(n):
+    if base_size is None:
+      return np.arange(n, dtype=np.float64)
+    return np.arange(n, dtype=np.float32) / np.float32(n / base_size) / np.float32(interpolation)
+  h, w = np.meshgrid(coords(grid_h), coords(grid_w), indexing="ij")
   return np.concatenate([sincos_1d(dim // 2, w), sincos_1d(dim // 2, h)], axis=1)
 
 

@@ -4,6 +4,6 @@
 registers every operator family.
 """
 from graft_jax.operators.registry import SITES, Operator, build, get, match_torch_modules, names, register
-from graft_jax.operators import attention, hyena, mlp, ssm  # noqa: F401  (registration side effects)
+from graft_jax.operators import attention, hyena, kv_compress, mlp, ssm  # noqa: F401  (registration side effects)
 
 __all__ = ["SITES", "Operator", "build", "get", "match_torch_modules", "names", "register"]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
+from graft_jax.operators.kernels.splash import splash_band_attention
 from graft_jax.operators.registry import register
 
 
@@ -135,7 +136,17 @@ def tiled_band_attention(q, k, v, window: int, tile: int = 16):
   return jnp.swapaxes(out.reshape(b, h, nt * t, d)[:, :, :n], 1, 2).astype(q.dtype)
 
 
-SWA_BACKENDS = ("auto", "tiled", "shift")
+SWA_BACKENDS = ("auto", "tiled", "shift", "splash")
+
+
+def swa_backend(requested: str, grid) -> str:
+  """What "auto" means for SWA: TPU splash attention (block-sparse, LocalMask) for a 1-D window on TPU, the tiled
+  XLA path for a 1-D window elsewhere, the shifts for a 2-D one (splash has no 2-D neighbourhood mask)."""
+  if requested != "auto":
+    return requested
+  if grid is not None:
+    return "shift"
+  return "splash" if jax.default_backend() == "tpu" else "tiled"
 
 
 @register("swa", "attn", defaults={"num_heads": 16, "window": 4, "grid": None, "backend": "auto"},
@@ -146,8 +157,8 @@ class SlidingWindowAttention(nn.Module):
   The default is the grafting paper's SWA: window 4 on the raster-flattened sequence (9 keys, bidirectional).
   `grid` (h, w) switches to the 2-D neighbourhood on the token grid (Chebyshev distance <= window).
   `backend` picks the formulation: "tiled" (`tiled_band_attention`, 1-D only), "shift"
-  (`neighbourhood_attention`), or "auto": tiled for 1-D windows, shifts for the 2-D one. cuDNN is no option here:
-  its sliding window is causal only.
+  (`neighbourhood_attention`), "splash" (TPU splash attention, 1-D only; off TPU it runs in Pallas interpret mode,
+  correct but slow), or "auto" (see `swa_backend`). cuDNN is no option here: its sliding window is causal only.
   """
   dim: int
   num_heads: int = 16
@@ -161,10 +172,13 @@ class SlidingWindowAttention(nn.Module):
       raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
     if self.backend not in SWA_BACKENDS:
       raise ValueError(f"SWA backend must be one of {SWA_BACKENDS}, got {self.backend!r}")
-    if self.backend == "tiled" and self.grid is not None:
-      raise ValueError("the tiled SWA backend runs 1-D windows only; use 'shift' (or 'auto') with a grid")
+    if self.backend in ("tiled", "splash") and self.grid is not None:
+      raise ValueError(f"the {self.backend} SWA backend runs 1-D windows only; use 'shift' (or 'auto') with a grid")
     q, k, v = split_heads(init.dense(3 * self.dim, "qkv")(x), self.num_heads)
-    if self.grid is None and self.backend != "shift":
+    backend = swa_backend(self.backend, self.grid)
+    if backend == "splash":
+      y = splash_band_attention(q, k, v, self.window)
+    elif backend == "tiled":
       y = tiled_band_attention(q, k, v, self.window)
     else:
       y = neighbourhood_attention(q, k, v, self.window, self.grid)

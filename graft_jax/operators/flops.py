@@ -25,6 +25,12 @@ def _swa_keys(c, n):
   return min(n, side * side if c.get("grid") else side)
 
 
+def _kv_compress(c, d, n):
+  """Keys and values pooled by a depthwise r x r conv before attention over n / r^2 of them."""
+  kept = n // c["sr_ratio"] ** 2
+  return _dense(n, d, 3 * d) + 2 * 2 * n * d + 2 * 2 * n * kept * d + _dense(n, d, d)
+
+
 def _hyena(short: bool, inner: bool) -> Flops:
   def flops(c, d, n):
     k = c["kernel_size"]
@@ -54,6 +60,7 @@ def _mlp_hyena_x(c, d, n):
 FLOPS: dict[str, Flops] = {
     "mha": _attention(lambda c, n: n),
     "swa": _attention(_swa_keys),
+    "mha_kv_compress": _kv_compress,
     "hyena_x": _hyena(True, False),
     "hyena_y": _hyena(False, True),
     "hyena_se": _hyena(True, True),

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
+from graft_jax.operators.kernels.causal_conv import causal_conv_pallas
 from graft_jax.operators.registry import register
+
+CONV_BACKENDS = ("auto", "xla", "pallas")
 
 
 def causal_depthwise_conv(x: jax.Array, w: jax.Array, b: jax.Array, axis: int = 1) -> jax.Array:
@@ -41,6 +44,18 @@ def causal_depthwise_conv(x: jax.Array, w: jax.Array, b: jax.Array, axis: int = 
   return y.astype(x.dtype)
 
 
+def conv_backend(requested: str, axis: int) -> str:
+  """What "auto" means for the causal conv: the Pallas kernel on TPU along tokens, the XLA shift-and-add elsewhere
+  (on GPU it is already one fusion) and along features (the kernel tiles tokens only)."""
+  if requested not in CONV_BACKENDS:
+    raise ValueError(f"causal conv backend must be one of {CONV_BACKENDS}, got {requested!r}")
+  if requested == "pallas" and axis != 1:
+    raise ValueError("the Pallas causal conv runs along tokens (axis 1) only; use 'xla' for the feature axis")
+  if requested != "auto":
+    return requested
+  return "pallas" if jax.default_backend() == "tpu" and axis == 1 else "xla"
+
+
 def _symmetric_uniform(bound: float):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
@@ -55,10 +70,12 @@ class CausalConv(nn.Module):
 
   Default init is PyTorch's Conv1d default, as the official scions get. `identity_init` starts it as
   the identity (only the current-token tap is 1, bias 0), as the paper does for the Hyena-Y / SE inner filters.
+  `backend` ("auto", "xla", "pallas"): see `conv_backend`; off TPU "pallas" runs in interpret mode (slow).
   """
   kernel_size: int
   axis: int = 1
   identity_init: bool = False
+  backend: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -70,6 +87,8 @@ class CausalConv(nn.Module):
       kernel_init = bias_init = _symmetric_uniform(1.0 / np.sqrt(self.kernel_size))
     kernel = self.param("kernel", kernel_init, (self.kernel_size, channels))
     bias = self.param("bias", bias_init, (channels,))
+    if conv_backend(self.backend, self.axis) == "pallas":
+      return causal_conv_pallas(x, kernel, bias)
     return causal_depthwise_conv(x, kernel, bias, self.axis)
 
 
@@ -97,9 +116,10 @@ def _hyena_importer(filters):
 
 class _Hyena(nn.Module):
   """in_proj D -> 3D, optional short filter over all 3D channels, split q, k, v, u = k * v, optional inner filter
-  on u, y = q * u, out_proj D -> D."""
+  on u, y = q * u, out_proj D -> D. `backend` picks the conv implementation (see `conv_backend`)."""
   dim: int
   kernel_size: int = 4
+  backend: str = "auto"
   has_short_filter: ClassVar[bool] = False
   has_inner_filter: ClassVar[bool] = False
 
@@ -107,29 +127,31 @@ class _Hyena(nn.Module):
   def __call__(self, x):
     u = init.dense(3 * self.dim, "in_proj")(x)
     if self.has_short_filter:
-      u = CausalConv(self.kernel_size, name="short_filter")(u)
+      u = CausalConv(self.kernel_size, backend=self.backend, name="short_filter")(u)
     q, k, v = jnp.split(u, 3, axis=-1)
     u = k * v
     if self.has_inner_filter:
-      u = CausalConv(self.kernel_size, identity_init=True, name="inner_filter")(u)
+      u = CausalConv(self.kernel_size, identity_init=True, backend=self.backend, name="inner_filter")(u)
     return init.dense(self.dim, "out_proj")(q * u)
 
 
-@register("hyena_x", "attn", defaults={"kernel_size": 4}, torch_modules=("in_proj", "short_filter", "out_proj"),
+@register("hyena_x", "attn", defaults={"kernel_size": 4, "backend": "auto"},
+          torch_modules=("in_proj", "short_filter", "out_proj"),
           from_torch=_hyena_importer(("short_filter",)))
 class HyenaX(_Hyena):
   """Hyena-X: featurizer conv only."""
   has_short_filter = True
 
 
-@register("hyena_y", "attn", defaults={"kernel_size": 4}, torch_modules=("in_proj", "inner_filter", "out_proj"),
+@register("hyena_y", "attn", defaults={"kernel_size": 4, "backend": "auto"},
+          torch_modules=("in_proj", "inner_filter", "out_proj"),
           from_torch=_hyena_importer(("inner_filter",)))
 class HyenaY(_Hyena):
   """Hyena-Y: inner conv on k * v only."""
   has_inner_filter = True
 
 
-@register("hyena_se", "attn", defaults={"kernel_size": 4},
+@register("hyena_se", "attn", defaults={"kernel_size": 4, "backend": "auto"},
           torch_modules=("in_proj", "short_filter", "inner_filter", "out_proj"),
           from_torch=_hyena_importer(("short_filter", "inner_filter")))
 class HyenaSE(_Hyena):

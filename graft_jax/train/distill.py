@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+from graft_jax import hosts
 from graft_jax.diffusion import make_diffusion
 from graft_jax.models.config import DiTConfig
 from graft_jax.models.dit import PAIR, DiT, ParallelPair, capture
@@ -148,7 +148,7 @@ def save_scions(path, scions, results: dict | None = None) -> pathlib.Path:
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with hosts.local_checkpointer() as ckptr:
       ckptr.save(tmp / "scions", jax.tree.map(np.asarray, scions))
     (tmp / "results.json").write_text(json.dumps(results or {}, indent=1))
     if out.exists():
@@ -164,7 +164,7 @@ def load_scions(path) -> Any:
   scions = pathlib.Path(path).absolute() / "scions"
   if not scions.exists():
     raise FileNotFoundError(f"{path} is not a stage-1 export (no scions/ inside).")
-  with ocp.StandardCheckpointer() as ckptr:
+  with hosts.local_checkpointer() as ckptr:
     return ckptr.restore(scions)
 
 
@@ -203,9 +203,14 @@ def run_distill(config, teacher: DiT, teacher_params, student: DiTConfig, studen
       state = metrics.train_loop(step, state, data, mesh=mesh, reporter=reporter, checkpointer=ckpt,
                                  total_steps=config.steps, checkpoint_every=config.checkpoint_every, stage="distill",
                                  args=(teacher_params,))
-  scions = jax.device_get(state["params"])
-  evaluate = jax.jit(lambda s, b, k: relative_errors(teacher, student, teacher_params, s, b, k, sites,
-                                                     config.regress_gated))
-  errors = [jax.device_get(evaluate(scions, b, jax.random.key(1000 + n))) for n, b in enumerate(heldout)]
+  scions = hosts.fetch(state["params"])
+  # The teacher is an argument, not a closure: a jit may not close over arrays that span other hosts' devices. The
+  # held-out batches are whole on every process, so they go in replicated, as host arrays (only those may be put on
+  # a multi-host mesh); so does the batch number that seeds the noise.
+  evaluate = jax.jit(lambda tp, s, b, n: relative_errors(teacher, student, tp, s, b, jax.random.key(1000 + n), sites,
+                                                         config.regress_gated))
+  on_mesh = lambda tree: jax.device_put(tree, partition.replicated(mesh))
+  errors = [jax.device_get(evaluate(teacher_params, on_mesh(scions), on_mesh(b), on_mesh(np.int32(n))))
+            for n, b in enumerate(heldout)]
   return scions, {k: float(np.mean([e[k] for e in errors])) for k in errors[0]}
 

@@ -42,11 +42,13 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 
 def maybe_initialize_distributed(config: Mapping[str, Any] | None = None) -> bool:
-  """Starts jax.distributed when the config or the JAX_* environment asks for it; True if it was started now.
+  """Starts jax.distributed when the config (a run's `config.distributed`) or the JAX_* environment asks for it;
+  True if it was started now.
 
-  A coordinator address (config.coordinator_address or JAX_COORDINATOR_ADDRESS) asks for it; so does
-  config.distributed=True, which leaves the address and process ids to JAX's cluster auto-detection (TPU pods,
-  SLURM, Open MPI). Must run before anything touches a device.
+  A coordinator address (config.coordinator_address or JAX_COORDINATOR_ADDRESS) asks for it, with num_processes and
+  process_id from the config or JAX_NUM_PROCESSES / JAX_PROCESS_ID; so does config.auto=True, which leaves them to
+  JAX's cluster auto-detection (Cloud TPU pods, SLURM, Open MPI). Must run before anything touches a device. On CPU
+  the processes exchange data through gloo, JAX's default CPU collectives.
   """
   config = {} if config is None else config
   if jax.distributed.is_initialized():
@@ -56,7 +58,7 @@ def maybe_initialize_distributed(config: Mapping[str, Any] | None = None) -> boo
       "num_processes": _setting(config, "num_processes", "JAX_NUM_PROCESSES"),
       "process_id": _setting(config, "process_id", "JAX_PROCESS_ID"),
   }
-  if not (config.get("distributed") or settings["coordinator_address"]):
+  if not (config.get("auto") or settings["coordinator_address"]):
     return False
   # Environment values are strings; jax.distributed insists on ints.
   for key in ("num_processes", "process_id"):

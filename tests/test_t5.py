@@ -123,3 +123,21 @@ def test_converter_errors():
   bad = tensors | {"encoder.block.1.layer.0.SelfAttention.o.weight": np.zeros((32, 16))}
   with pytest.raises(ConversionError, match="expected"):
     convert_t5_encoder(bad)
+
+
+def test_converter_command_reads_a_saved_transformers_folder(tmp_path):
+  """tools/convert_torch_weights.py on what T5EncoderModel.save_pretrained writes: the same encoder comes back."""
+  from graft_jax import checkpoints
+  from graft_jax.convert import cli
+  model = torch_encoder(seed=2)
+  model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")  # sharded, as T5-XXL is
+  assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+  assert cli.main([str(tmp_path / "hf"), str(tmp_path / "t5")]) == 0
+  ours, params = checkpoints.load(tmp_path / "t5")
+  assert ours.config == t5.T5Config(**TINY)  # max distance and norm epsilon read from its config.json
+  ids = np.arange(2, 14).reshape(2, 6)
+  mask = np.ones_like(ids)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+  out = np.asarray(ours.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+  assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5

@@ -10,6 +10,7 @@ from graft_jax import checkpoints
 from graft_jax.convert.dit import FORMATS, dit_from_torch
 from graft_jax.convert.inception import inception_from_torch, is_inception
 from graft_jax.convert.pixart import detect_format as pixart_format, pixart_from_torch
+from graft_jax.convert.t5 import convert_t5_encoder, is_t5
 from graft_jax.convert.state_dict import ConversionError, read_state_dict
 
 
@@ -36,6 +37,13 @@ def main(argv=None) -> int:
     if is_inception(tensors):  # pytorch-fid's / torch-fidelity's FID Inception file, told apart by its keys
       out = checkpoints.save(args.out_dir, *inception_from_torch(tensors, args.src))
       print(f"wrote {out}: the FID Inception v3 (pool3, mixed_6/conv and 1008-class logits)")
+      return 0
+    if is_t5(tensors):  # a Hugging Face T5 (encoder) checkpoint: file or folder with its config.json
+      hf = diffusers_config or {}
+      config, params = convert_t5_encoder(tensors, hf.get("relative_attention_max_distance", 128),
+                                          hf.get("layer_norm_epsilon", 1e-6), drop_decoder=True)
+      out = checkpoints.save(args.out_dir, config, params)
+      print(f"wrote {out}: T5 encoder, {config.num_layers} layers, width {config.d_model}")
       return 0
     if pixart_format(tensors):  # PixArt-alpha/Sigma (original or diffusers), told apart by its keys
       config, params = pixart_from_torch(tensors, args.format, args.num_heads, args.input_size, args.pe_interpolation,

@@ -46,8 +46,15 @@ def _unwrap(obj: Mapping, prefer_ema: bool) -> Mapping:
   return obj
 
 
+# Weight files of a model folder: diffusers' names, then transformers' (a T5 encoder); one file or an index of shards.
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+                "pytorch_model.bin")
+INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
 def read_state_dict(src: str | pathlib.Path, prefer_ema: bool = True) -> tuple[dict[str, np.ndarray], dict | None]:
-  """(tensors, diffusers config or None) from a .pt/.pth/.bin/.safetensors file or a diffusers model folder."""
+  """(tensors, the folder's config.json or None) from a .pt/.pth/.bin/.safetensors file or a diffusers or
+  transformers model folder."""
   path = pathlib.Path(src)
   if not path.exists():
     raise ConversionError(f"{path} does not exist.")
@@ -56,10 +63,19 @@ def read_state_dict(src: str | pathlib.Path, prefer_ema: bool = True) -> tuple[d
     if not (path / "config.json").exists():
       raise ConversionError(f"{path} is a folder without config.json, so it is not a diffusers model folder.")
     config = json.loads((path / "config.json").read_text())
-    weights = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-               if (path / n).exists()]
-    if not weights:
-      raise ConversionError(f"{path} holds no diffusion_pytorch_model.safetensors or .bin weights.")
+    weights = [path / n for n in WEIGHT_FILES if (path / n).exists()]
+    indexes = [path / n for n in INDEX_FILES if (path / n).exists()]
+    if not weights and not indexes:
+      raise ConversionError(f"{path} holds none of {', '.join(WEIGHT_FILES + INDEX_FILES)}.")
+    if not weights:  # large models (T5-XXL) are saved in shards listed by an index
+      shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+      missing = [n for n in shards if not (path / n).exists()]
+      if missing:
+        raise ConversionError(f"{path} lacks the shard(s) {missing} that {indexes[0].name} lists.")
+      raw = {}
+      for name in shards:
+        raw.update(_safetensors_load(path / name))
+      return {k: _to_numpy(v) for k, v in raw.items()}, config
     path = weights[0]
   if path.suffix == ".safetensors":
     raw = _safetensors_load(path)

@@ -49,6 +49,11 @@ def _norm(pool: KeyPool, key: str, dim: int) -> dict[str, np.ndarray]:
   return {"scale": np.asarray(scale)}
 
 
+def is_t5(tensors: Mapping[str, np.ndarray]) -> bool:
+  """Whether a state dict is a Hugging Face T5 (T5EncoderModel or a whole T5 model, whose decoder is dropped)."""
+  return any(k.startswith("encoder.block.0.layer.0.SelfAttention.") for k in tensors)
+
+
 def convert_t5_encoder(tensors: Mapping[str, np.ndarray], max_distance: int = 128, layer_norm_epsilon: float = 1e-6,
                        drop_decoder: bool = False) -> tuple[T5Config, dict]:
   """(config, params) with `T5Encoder(config).apply({"params": params}, ids, mask)` equal to the torch encoder."""

@@ -1,6 +1,10 @@
 """The main job: the stages a config lists (distill -> finetune -> sample), in order, each recorded as done in the
 workdir so a rerun resumes at the first unfinished one (and inside it, at its last checkpoint).
 
+The teacher is a DiT (class labels) or a PixArt model (captions: model.kind "pixart", or a converted PixArt folder);
+PixArt experiments add the stage "synthesize" (the teacher-generated training set, WORKDIR/synthetic by default)
+and sample from prompts (graft_jax.pixart_stages: samples/NNNN.png, samples.png, samples_latents.npz).
+
 Workdir layout: config.json; graft_summary.md/.json; stage1/ (scions, results.json); student/ (the fine-tuned
 model, EMA weights, loadable with graft_jax.checkpoints.load); samples.png, samples.npz; stages/NAME.json markers;
 distill/ and finetune/ (checkpoints and metrics).
@@ -19,12 +23,19 @@ from graft_jax import checkpoints, graft, hosts
 from graft_jax.data.arrays import host_iterator
 from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.models import DiT, dit_config, init_params
+from graft_jax.models.config import PixArtConfig, pixart_config
+from graft_jax.models.pixart import PixArt, init_params as pixart_init_params
 from graft_jax.sample import generate, make_sampler, sample_labels, save_npz, shard_over
-from graft_jax.train import distill, finetune, partition
+from graft_jax.train import conditioning, distill, finetune, partition
 
 
 class UserError(Exception):
   """A problem the user can fix (missing file, bad config); main prints it as one sentence."""
+
+
+def is_pixart(config) -> bool:
+  """Whether the config describes a PixArt experiment (model.kind "pixart"): its inputs are checked up front."""
+  return config.model.get("kind", "dit") == "pixart"
 
 
 def teacher_config(config):
@@ -33,7 +44,14 @@ def teacher_config(config):
       return checkpoints.load_config(config.model.checkpoint)
     except FileNotFoundError as e:
       raise UserError(str(e)) from None
+  if is_pixart(config):
+    return pixart_config(config.model.image_size, **config.model.overrides)
   return dit_config(config.model.preset, **config.model.overrides)
+
+
+def build_model(model_config):
+  """The Flax module for a model config: PixArt for a PixArtConfig, DiT otherwise."""
+  return PixArt(model_config) if isinstance(model_config, PixArtConfig) else DiT(model_config)
 
 
 def load_teacher(config):
@@ -41,12 +59,49 @@ def load_teacher(config):
   cfg = teacher_config(config)  # a missing checkpoint fails here with the conversion command
   if config.model.checkpoint:
     return checkpoints.load(config.model.checkpoint)
-  return DiT(cfg), init_params(cfg, jax.random.key(config.seed))
+  init = pixart_init_params if isinstance(cfg, PixArtConfig) else init_params
+  params = init(cfg, jax.random.key(config.seed))
+  noise = float(config.model.get("init_noise", 0.0))
+  if noise > 0:
+    # A fresh model's zero-initialised output layer hides every block from the loss, so LoRA factors on the blocks
+    # would get no gradient at all; tiny test runs add noise to every weight to make the teacher non-degenerate.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(config.seed + 1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + noise * jax.random.normal(k, p.shape, p.dtype)
+                                       for p, k in zip(leaves, keys)])
+  return build_model(cfg), params
 
 
-def load_arrays(config, which: str) -> dict[str, np.ndarray]:
-  """{"x", "y"} for stage `which` ("distill" or "finetune") from config.data: "demo" (the embedded digits),
-  "latents" (a shard folder of graft_jax.data.latents) or "npz" (one file with arrays x and y)."""
+def data_path(config, which: str, workdir: pathlib.Path | None = None) -> pathlib.Path:
+  """config.data.<which>_path ("distill", "finetune" or "synthetic"); an empty one means the set the synthesize stage
+  writes: data.synthetic_path, by default WORKDIR/synthetic."""
+  given = config.data.get(f"{which}_path", "")
+  if given:
+    return pathlib.Path(given)
+  if which != "synthetic":
+    return data_path(config, "synthetic", workdir)
+  if workdir is None:
+    raise UserError(f"data.{which}_path is empty and there is no workdir to find the synthesized set in.")
+  return pathlib.Path(workdir) / "synthetic"
+
+
+def load_arrays(config, which: str, keys: tuple[str, ...] = conditioning.DIT_KEYS,
+                workdir: pathlib.Path | None = None) -> dict[str, np.ndarray]:
+  """The arrays `keys` ({"x", "y"}; a PixArt teacher's {"x", "caption", "mask"}) for stage `which` ("distill" or
+  "finetune") from config.data: "demo" (the embedded digits), "latents" (a shard folder of graft_jax.data.latents)
+  or "npz" (one file with arrays x and y). data.<which>_rows > 0 keeps only the first rows (the paper's PixArt
+  stage 1 uses 8k of its 12k synthetic pairs)."""
+  arrays = _load_arrays(config, which, keys, workdir)
+  missing = [k for k in keys if k not in arrays]
+  if missing:
+    raise UserError(f"{data_path(config, which, workdir)} holds no {' or '.join(missing)}: a PixArt teacher needs "
+                    f"a set with caption embeddings (the synthesize stage or `python -m graft_jax.data.cli "
+                    f"synthesize-pixart`).")
+  rows = int(config.data.get(f"{which}_rows", 0) or 0)
+  return {k: arrays[k][:rows] if rows > 0 else arrays[k] for k in keys}
+
+
+def _load_arrays(config, which: str, keys: tuple[str, ...], workdir) -> dict[str, np.ndarray]:
   source = config.data.source
   if source == "demo":
     from graft_jax.data.demo import load_demo
@@ -54,9 +109,10 @@ def load_arrays(config, which: str) -> dict[str, np.ndarray]:
     return {"x": x, "y": y}
   if source not in ("latents", "npz"):
     raise UserError(f"data.source must be 'demo', 'latents' or 'npz', got {source!r}.")
-  path = pathlib.Path(config.data[f"{which}_path"])
+  path = data_path(config, which, workdir)
   if not path.exists():
-    raise UserError(f"{path} does not exist; make it with `python -m graft_jax.data.cli encode ...`."
+    make = "synthesize-pixart" if "caption" in keys else "encode"
+    raise UserError(f"{path} does not exist; make it with `python -m graft_jax.data.cli {make} ...`."
                     if source == "latents" else
                     f"{path} does not exist; it should hold arrays x (N, H, W, C) latents and y (N,) labels.")
   if source == "latents":
@@ -80,10 +136,10 @@ def stage_distill(config, workdir: pathlib.Path) -> dict:
   teacher, teacher_params = load_teacher(config)
   edits = plan(config, teacher.config)
   student, student_params = graft.graft(teacher.config, teacher_params, edits, jax.random.key(config.seed))
-  arrays = load_arrays(config, "distill")
+  arrays = load_arrays(config, "distill", conditioning.batch_keys(teacher), workdir)
   held = config.data.heldout
-  if held >= len(arrays["y"]):
-    raise UserError(f"data.heldout ({held}) leaves no training data out of {len(arrays['y'])} samples.")
+  if held >= len(arrays["x"]):
+    raise UserError(f"data.heldout ({held}) leaves no training data out of {len(arrays['x'])} samples.")
   train = host_iterator({k: v[held:] for k, v in arrays.items()}, config.distill.batch_size, config.seed)
   heldout = [{k: v[i:i + config.distill.batch_size] for k, v in arrays.items()}
              for i in range(0, held - config.distill.batch_size + 1, config.distill.batch_size)]
@@ -106,9 +162,9 @@ def student_from_stage1(config, workdir: pathlib.Path, teacher, teacher_params):
 def stage_finetune(config, workdir: pathlib.Path) -> dict:
   teacher, teacher_params = load_teacher(config)
   student, params = student_from_stage1(config, workdir, teacher, teacher_params)
-  arrays = load_arrays(config, "finetune")
+  arrays = load_arrays(config, "finetune", conditioning.batch_keys(teacher), workdir)
   data = host_iterator(arrays, config.finetune.batch_size, config.seed + 1)
-  out = finetune.run_finetune(config.finetune, DiT(student), params, data, workdir,
+  out = finetune.run_finetune(config.finetune, build_model(student), params, data, workdir,
                               teacher=(teacher, teacher_params) if "teacher" in config.finetune.loss else None)
   ema = hosts.fetch(out["ema"])  # a collective: every process takes part, one writes
   if hosts.is_writer():
@@ -134,6 +190,9 @@ def sample_images(model, params, s, progress_name: str = "sample"):
 
 def stage_sample(config, workdir: pathlib.Path) -> dict:
   model, params = checkpoints.load(workdir / "student") if (workdir / "student").exists() else load_teacher(config)
+  if isinstance(model, PixArt):  # captions, not classes: prompts in, PNGs out
+    from graft_jax import pixart_stages
+    return pixart_stages.sample(config, workdir, model, params)
   images, labels = sample_images(model, params, config.sample)
   per_row = config.sample.per_class
   if hosts.is_writer():
@@ -148,9 +207,9 @@ STAGES = {"distill": stage_distill, "finetune": stage_finetune, "sample": stage_
 def stage_registry() -> dict:
   """Every stage by name: the grafting stages here, the demo's own (teacher, compare, report) and the evaluation
   jobs (evaluate, benchmark, analyze)."""
-  from graft_jax import demo  # demo builds on this module
+  from graft_jax import demo, pixart_stages  # these build on this module
   from graft_jax.evaluation import analysis, benchmark, job  # so do these
-  return {**STAGES, **demo.STAGES, **benchmark.STAGES, **analysis.STAGES, **job.STAGES}
+  return {**STAGES, **demo.STAGES, **benchmark.STAGES, **analysis.STAGES, **job.STAGES, **pixart_stages.STAGES}
 
 
 def run(config, workdir) -> None:
@@ -169,6 +228,9 @@ def run(config, workdir) -> None:
       (workdir / "graft_summary.json").write_text(json.dumps(summary, indent=1))
       (workdir / "graft_summary.md").write_text(graft.format_summary(summary) + "\n")
       print(graft.format_summary(summary).splitlines()[-1], flush=True)
+  if is_pixart(config):
+    from graft_jax import pixart_stages
+    pixart_stages.check_inputs(config, workdir)  # a missing T5, VAE or prompt file fails before any stage runs
   if writer:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))

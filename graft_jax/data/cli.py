@@ -3,6 +3,8 @@
   python -m graft_jax.data.cli encode --source DIR|tfds --vae VAE --out OUT --resolution 256 --per-class 8
   python -m graft_jax.data.cli synthesize --teacher CKPT_DIR --out OUT --per-class 8 --sampler ddim --steps 50 \\
       --cfg 4.0
+  python -m graft_jax.data.cli synthesize-pixart --teacher PIXART_DIR --prompts PROMPTS.txt \\
+      (--t5 T5_DIR [--spiece spiece.model] | --embeddings EMB.npz) --out OUT [--per-prompt 1 --steps 20 --cfg 4.5]
 
 A problem with the input (a missing folder, a cache made for other settings, a VAE that does not load) is one
 sentence on stderr and exit status 2; the output folder appears only when complete.
@@ -16,7 +18,7 @@ import sys
 from absl import logging
 
 from graft_jax.data.latents import DataError, read_metadata
-from graft_jax.models.vae import SD_SCALING_FACTOR
+from graft_jax.models.vae import SD_SCALING_FACTOR, SDXL_SCALING_FACTOR
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,6 +56,23 @@ def parser() -> argparse.ArgumentParser:
   synth.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
   synth.add_argument("--eta", type=float, default=0.0, help="DDIM noise")
   synth.add_argument("--vae-id", help="identity of the teacher's VAE to record (from an encoded cache's metadata)")
+  pixart = commands.add_parser("synthesize-pixart", help="PixArt teacher samples for a prompt file -> latents with "
+                               "caption embeddings")
+  pixart.add_argument("--teacher", required=True, help="converted PixArt(-Sigma) folder")
+  pixart.add_argument("--prompts", required=True, help="text file, one prompt per line")
+  pixart.add_argument("--t5", default="", help="converted T5 encoder folder ('random': random embeddings, tests)")
+  pixart.add_argument("--spiece", default="", help="T5's sentencepiece model (default T5_DIR/spiece.model)")
+  pixart.add_argument("--lowercase", action="store_true", help="lowercase prompts (diffusers' PixArt pipeline)")
+  pixart.add_argument("--embeddings", default="", help="precomputed .npz, one row per prompt (instead of --t5)")
+  pixart.add_argument("--out", required=True, help="the cache folder to create")
+  pixart.add_argument("--per-prompt", type=int, default=1, help="samples of every prompt")
+  pixart.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
+  pixart.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (learned null caption)")
+  pixart.add_argument("--seed", type=int, default=0, help="sampling noise")
+  pixart.add_argument("--batch-size", type=int, default=8, help="per step, split over the local devices")
+  pixart.add_argument("--shard-size", type=int, default=1024, help="latents per .npz shard")
+  pixart.add_argument("--scale", type=float, default=SDXL_SCALING_FACTOR, help="latent scaling factor (SDXL: 0.13025)")
+  pixart.add_argument("--vae-id", help="identity of the teacher's VAE to record")
   return p
 
 
@@ -79,11 +98,26 @@ def _synthesize(args) -> str:
   return synthetic.synthesize_from_checkpoint(args.teacher, args.out, settings)
 
 
+def _synthesize_pixart(args) -> str:
+  import ml_collections
+
+  from graft_jax.data import synthetic_pixart
+  text = ml_collections.ConfigDict(dict(t5=args.t5, spiece=args.spiece, lowercase=args.lowercase, batch_size=8))
+  settings = synthetic_pixart.PixArtSynthesisSettings(
+      per_prompt=args.per_prompt, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
+      shard_size=args.shard_size, scale=args.scale, vae=args.vae_id)
+  return synthetic_pixart.synthesize_from_files(args.teacher, args.prompts, text, args.out, settings,
+                                                args.embeddings)
+
+
+COMMANDS = {"encode": _encode, "synthesize": _synthesize, "synthesize-pixart": _synthesize_pixart}
+
+
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   logging.set_verbosity(logging.INFO)
   try:
-    out = _encode(args) if args.command == "encode" else _synthesize(args)
+    out = COMMANDS[args.command](args)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

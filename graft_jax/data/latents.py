@@ -1,11 +1,14 @@
 """Latent caches on disk: a folder of .npz shards plus metadata.json, its writer, checks, loader and streaming reader.
 
 Layout of a cache folder:
-  metadata.json       format, kind ("imagenet" or "synthetic"), resolution, latent_shape, num_classes, count, scale,
+  metadata.json       format, kind ("imagenet", "synthetic" or "synthetic_pixart"), resolution, latent_shape,
+                      num_classes, count, scale, arrays (the extra per-row arrays, when there are any),
                       vae {id, config, source} (None: the teacher's own latent space), the settings that made it, the
                       undecodable inputs skipped, and shards [{file, count}]
   shard-NNNNN.npz     x float32 (n, h, w, c) latents (already multiplied by the scale), y int32 (n,) labels,
-                      key (n,) source names, skipped (m,) names of the inputs of this shard that did not decode
+                      key (n,) source names, skipped (m,) names of the inputs of this shard that did not decode,
+                      and the per-row arrays metadata "arrays" names (a PixArt set: caption (n, L, C) float16
+                      T5 embeddings and mask (n, L) bool; y is then the prompt's index)
 A cache is built in a hidden sibling `.NAME.partial/` (each shard written under a temporary name and renamed) and
 renamed to NAME when complete, so NAME never holds a half-written cache; a rerun with the same settings continues
 the partial folder at its first missing shard.
@@ -28,6 +31,7 @@ from absl import logging
 from graft_jax.data.arrays import ArrayIterator
 
 FORMAT = "graft_jax.latents/1"
+_STANDARD = ("x", "y", "key", "skipped")  # the arrays every shard holds; any others are listed in metadata "arrays"
 METADATA = "metadata.json"
 PLAN = "plan.json"
 
@@ -107,7 +111,12 @@ class ShardWriter:
     return (self.partial / shard_name(index)).exists()
 
   def write(self, index: int, x: np.ndarray, y: np.ndarray, keys: Sequence[str],
-            skipped: Sequence[str] = ()) -> None:
+            skipped: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None) -> None:
+    """Shard `index`; `extra` holds further per-row arrays (stored as given, one row per latent)."""
+    extra = dict(extra or {})
+    clash = set(extra) & {"x", "y", "key", "skipped"}
+    if clash or any(len(v) != len(x) for v in extra.values()):
+      raise ValueError(f"extra shard arrays must be new names with one row per latent, got {sorted(extra)}.")
     path = self.partial / shard_name(index)
     # A fixed temporary name (one writer per partial folder) keeps the umask's permissions, which mkstemp would not.
     tmp = path.with_name(f".{path.name}.tmp")
@@ -115,7 +124,7 @@ class ShardWriter:
       with open(tmp, "wb") as f:
         # Uncompressed, so a reader can memory-map each member (see _member_memmap).
         np.savez(f, x=np.asarray(x, np.float32), y=np.asarray(y, np.int32), key=np.asarray(keys, dtype=str),
-                 skipped=np.asarray(skipped, dtype=str))
+                 skipped=np.asarray(skipped, dtype=str), **{k: np.asarray(v) for k, v in extra.items()})
       os.replace(tmp, path)
     except BaseException:
       tmp.unlink(missing_ok=True)
@@ -123,13 +132,16 @@ class ShardWriter:
 
   def finish(self, metadata: Mapping[str, Any], num_shards: int) -> pathlib.Path:
     """Records the shards 0..num_shards-1 (all must exist) and the skipped inputs, then publishes the folder."""
-    shards, skipped = [], []
+    shards, skipped, arrays = [], [], set()
     for i in range(num_shards):
       with np.load(self.partial / shard_name(i)) as f:
         shards.append({"file": shard_name(i), "count": int(len(f["y"]))})
         skipped.extend(str(k) for k in f["skipped"])
+        arrays.update(name for name in f.files if name not in _STANDARD)
     meta = {**metadata, "format": FORMAT, "count": sum(s["count"] for s in shards), "shards": shards,
             "skipped": {"count": len(skipped), "keys": skipped}}
+    if arrays:  # only then: a plain cache's metadata stays as it was
+      meta["arrays"] = sorted(arrays)
     _write_json(self.partial / METADATA, meta)
     (self.partial / PLAN).unlink()
     if self.out.exists():
@@ -197,18 +209,26 @@ def reuse_cache(out: str | os.PathLike, wanted: Mapping[str, Any]) -> bool:
   return True
 
 
+def extra_arrays(meta: Mapping[str, Any]) -> list[str]:
+  """Per-row arrays beyond x and y (a PixArt set's caption and mask); none in caches written before they existed."""
+  return list(meta.get("arrays", ()))
+
+
 def load_latents(path: str | os.PathLike, resolution: int | None = None,
                  vae: str | None = None) -> dict[str, np.ndarray]:
-  """The whole cache in memory as {"x": float32 (N, h, w, c), "y": int32 (N,)} (for sets that fit in RAM)."""
+  """The whole cache in memory as {"x": float32 (N, h, w, c), "y": int32 (N,)} plus its extra per-row arrays (for
+  sets that fit in RAM)."""
   meta = open_latents(path, resolution, vae)
-  xs, ys = [], []
+  names = extra_arrays(meta)
+  parts: dict[str, list] = {name: [] for name in ("x", "y", *names)}
   for shard in meta["shards"]:
     with np.load(pathlib.Path(path) / shard["file"]) as f:
-      xs.append(f["x"])
-      ys.append(f["y"])
+      for name in parts:
+        parts[name].append(f[name])
   shape = (0, *meta["latent_shape"])
-  return {"x": np.concatenate(xs) if xs else np.zeros(shape, np.float32),
-          "y": np.concatenate(ys) if ys else np.zeros((0,), np.int32)}
+  out = {"x": np.concatenate(parts["x"]) if parts["x"] else np.zeros(shape, np.float32),
+         "y": np.concatenate(parts["y"]) if parts["y"] else np.zeros((0,), np.int32)}
+  return out | {name: np.concatenate(parts[name]) for name in names if parts[name]}
 
 
 def _member_memmap(path: pathlib.Path, name: str) -> np.ndarray:
@@ -237,7 +257,8 @@ def _labels(path: pathlib.Path) -> np.ndarray:
 
 
 class LatentReader:
-  """Endless batches {"x", "y"} from a cache on disk, without loading it: a DataSource for the trainers.
+  """Endless batches {"x", "y"} (and the cache's extra per-row arrays) from a cache on disk, without loading it: a
+  DataSource for the trainers.
 
   Host p of P reads only rows p, p + P, p + 2P, ... (the first floor(N / P) * P rows), so hosts read disjoint rows
   and all have the same number of batches. Within a host the order is ArrayIterator's: a fresh permutation per
@@ -255,6 +276,8 @@ class LatentReader:
       raise DataError(f"process index {process_index} is outside the {process_count} processes.")
     shards = [s for s in self.metadata["shards"] if s["count"]]
     self._x = [_member_memmap(path / s["file"], "x") for s in shards]
+    self._extra = {name: [_member_memmap(path / s["file"], name) for s in shards]
+                   for name in extra_arrays(self.metadata)}
     self._starts = np.cumsum([0] + [s["count"] for s in shards])
     self._y = np.concatenate([_labels(path / s["file"]) for s in shards] or [np.zeros((0,), np.int32)])
     per_host = len(self._y) // process_count
@@ -272,12 +295,15 @@ class LatentReader:
     rows = next(self._rows)["row"]
     shard = np.searchsorted(self._starts, rows, side="right") - 1
     x = np.empty((len(rows), *self.metadata["latent_shape"]), np.float32)
+    extra = {name: np.empty((len(rows), *maps[0].shape[1:]), maps[0].dtype) for name, maps in self._extra.items()}
     for s in np.unique(shard):
       picked = np.flatnonzero(shard == s)
       # Ascending offsets read each memory-mapped shard front to back.
       picked = picked[np.argsort(rows[picked])]
       x[picked] = self._x[s][rows[picked] - self._starts[s]]
-    return {"x": x, "y": self._y[rows]}
+      for name, maps in self._extra.items():
+        extra[name][picked] = maps[s][rows[picked] - self._starts[s]]
+    return {"x": x, "y": self._y[rows], **extra}
 
   def state(self) -> dict[str, int]:
     return self._rows.state()

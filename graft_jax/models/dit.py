@@ -170,14 +170,17 @@ PAIR = "pair"
 
 
 def capture(model: DiT, params, x, t, y, sites):
-  """One forward pass -> (output, {(layer, site): (input, target, context)}) for the given sites of a sequential DiT.
+  """One forward pass -> (output, {(layer, site): (input, target, context)}) for the given sites of a sequential DiT
+  or of a PixArt model (whose blocks sow the same "attn" and "mlp" names).
 
+  `y` is the conditioning after (x, t): DiT's labels, or a tuple of arguments such as PixArt's (caption, mask).
   Site "attn" or "mlp": the operator's input after adaLN modulation, its output before the gate, and the gate
-  (B, 1, D). Site "pair" at block i: the input of block i, the residual update of blocks i and i + 1 applied in
-  sequence (their output minus that input), and the conditioning vector c (B, D). Under jit, activations of sites
-  not asked for are never materialised.
+  (B, 1, D). Site "pair" at block i (DiT only): the input of block i, the residual update of blocks i and i + 1
+  applied in sequence (their output minus that input), and the conditioning vector c (B, D). Under jit, activations
+  of sites not asked for are never materialised.
   """
-  out, state = model.apply({"params": params}, x, t, y, mutable=["intermediates"])
+  cond = y if isinstance(y, tuple) else (y,)
+  out, state = model.apply({"params": params}, x, t, *cond, mutable=["intermediates"])
   inter = state["intermediates"]
 
   def site(i, s):

@@ -3,7 +3,8 @@
 For each grafted (layer, site), the scion maps the teacher operator's input (after adaLN modulation) to the teacher
 operator's output (before the gate). Inputs always come from the teacher, never from other scions (teacher forcing),
 so the sites are independent problems that share one teacher forward per batch. Data are noised latents
-z_t = q_sample(x0, t, noise) with t ~ U{0..999} and the true labels.
+z_t = q_sample(x0, t, noise) with t ~ U{0..999} and the true conditioning: DiT's labels, or a PixArt teacher's caption
+embeddings and mask (graft_jax.train.conditioning), never dropped.
 
 A parallel pair (site "pair", depth to width) is a site too: the whole pair (both blocks and the merge) maps the
 teacher's input of its first block, with the teacher's conditioning, to the residual update of the teacher's two
@@ -28,7 +29,7 @@ from graft_jax import hosts
 from graft_jax.diffusion import make_diffusion
 from graft_jax.models.config import DiTConfig
 from graft_jax.models.dit import PAIR, DiT, ParallelPair, capture
-from graft_jax.train import metrics, partition, state as train_state
+from graft_jax.train import conditioning, metrics, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
 
 LOSSES = ("l1", "l2", "huber")
@@ -102,10 +103,11 @@ def teacher_site(student: DiTConfig, layer: int, site: str) -> tuple[int, str]:
   return (student.first_block(layer), site) if site == PAIR else (layer, site)
 
 
-def site_outputs(teacher: DiT, student: DiTConfig, teacher_params, scions, x, t, y, sites, regress_gated: bool):
-  """{site name: (scion prediction, teacher target)} from one teacher forward on (x, t, y)."""
+def site_outputs(teacher: DiT, student: DiTConfig, teacher_params, scions, x, t, cond, sites, regress_gated: bool):
+  """{site name: (scion prediction, teacher target)} from one teacher forward on (x, t, *cond); `cond` is DiT's
+  labels or a tuple such as PixArt's (caption, mask)."""
   where = {teacher_site(student, i, s): (i, s) for i, s in sites}
-  _, acts = capture(teacher, teacher_params, x, t, y, list(where))
+  _, acts = capture(teacher, teacher_params, x, t, cond, list(where))
   out = {}
   for key, (inp, target, context) in acts.items():
     i, s = where[key]
@@ -127,7 +129,8 @@ def make_loss_fn(teacher: DiT, student: DiTConfig, sites, config):
   so each scion's gradient is that of its own loss."""
   def loss_fn(scions, teacher_params, batch, key):
     z_t, t = noised_batch(batch["x"], key)
-    outs = site_outputs(teacher, student, teacher_params, scions, z_t, t, batch["y"], sites, config.regress_gated)
+    outs = site_outputs(teacher, student, teacher_params, scions, z_t, t, conditioning.cond_args(teacher, batch),
+                        sites, config.regress_gated)
     losses = {name: site_loss(p, q, config.loss[name.rsplit("/", 1)[1]], config.huber_delta)
               for name, (p, q) in outs.items()}
     return sum(losses.values()), losses
@@ -137,7 +140,8 @@ def make_loss_fn(teacher: DiT, student: DiTConfig, sites, config):
 def relative_errors(teacher: DiT, student: DiTConfig, teacher_params, scions, batch, key, sites, regress_gated):
   """{site: ||pred - target|| / ||target||} on one batch: the held-out metric that is comparable across sites."""
   z_t, t = noised_batch(batch["x"], key)
-  outs = site_outputs(teacher, student, teacher_params, scions, z_t, t, batch["y"], sites, regress_gated)
+  outs = site_outputs(teacher, student, teacher_params, scions, z_t, t, conditioning.cond_args(teacher, batch), sites,
+                      regress_gated)
   return {name: jnp.linalg.norm((p - q).astype(jnp.float32)) / jnp.linalg.norm(q.astype(jnp.float32))
           for name, (p, q) in outs.items()}
 
@@ -171,7 +175,8 @@ def load_scions(path) -> Any:
 def run_distill(config, teacher: DiT, teacher_params, student: DiTConfig, student_params, sites, data, heldout,
                 workdir, mesh=None) -> tuple[Any, dict]:
   """Trains every scion of `sites` (its start: `student_params`) for config.steps steps; resumes from
-  workdir/checkpoints. `data` is a DataSource of {"x", "y"} batches; `heldout` a list of such batches.
+  workdir/checkpoints. `data` is a DataSource of {"x", "y"} batches ({"x", "caption", "mask"} for a PixArt
+  teacher); `heldout` a list of such batches.
   Returns (scions, {site: held-out relative error}), and writes metrics under workdir. `mesh` defaults to the
   one config.mesh describes over all devices."""
   workdir = pathlib.Path(workdir)
@@ -185,7 +190,7 @@ def run_distill(config, teacher: DiT, teacher_params, student: DiTConfig, studen
 
   def step_fn(state, batch, teacher_params):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    batch = {"x": batch["x"].astype(dtype), "y": batch["y"]}
+    batch = conditioning.cast_batch(teacher, batch, dtype)
     compute = lambda p: loss_fn(train_state.cast_floating(p, dtype), teacher_params, batch, key)
     (total, losses), grads = jax.value_and_grad(compute, has_aux=True)(state["params"])
     new_state = train_state.apply_gradients(state, grads, optimizer, config.ema_decay)

@@ -1,8 +1,10 @@
-"""Stage 2: end-to-end fine-tuning of a (grafted) DiT.
+"""Stage 2: end-to-end fine-tuning of a (grafted) DiT or PixArt model.
 
 The loss is DiT's diffusion loss (eps MSE + VLB for the learned variance), a match to the frozen teacher's output on
 the same noisy input (all 2C channels), or their weighted sum. One jitted, sharded, donated step does the update,
-the EMA, label dropout and the bfloat16 cast of the float32 parameters; LoRA, when on, trains only the factors.
+the EMA, label dropout (PixArt: caption dropout to its learned null caption) and the bfloat16 cast of the float32
+parameters; LoRA, when on, trains only the factors. Batches carry DiT's labels or PixArt's captions
+(graft_jax.train.conditioning).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from graft_jax.diffusion import Diffusion, ModelFn, make_diffusion
-from graft_jax.train import partition
+from graft_jax.train import conditioning, partition
 from graft_jax.train.checkpoint import Checkpointer
 from graft_jax.train.metrics import DataSource, Reporter, train_loop
 from graft_jax.train.state import (State, apply_gradients, cast_floating, create_or_restore, export_params,
@@ -89,17 +91,20 @@ def finetune_losses(config, diffusion: Diffusion, student_fn: ModelFn, teacher_f
   return {"loss": loss, **metrics}
 
 
-def model_fn(model: nn.Module, params: Any, y: jax.Array, dropout_key: jax.Array, dtype: Any) -> ModelFn:
-  """(x, t) -> float32 output of the model in training mode, its input cast to the compute dtype."""
+def model_fn(model: nn.Module, params: Any, cond: Any, dropout_key: jax.Array, dtype: Any) -> ModelFn:
+  """(x, t) -> float32 output of the model in training mode, its input cast to the compute dtype. `cond` is the
+  batch (labels "y", or "caption" and "mask") as conditioning.cast_batch gives it."""
   def fn(x, t):
-    out = model.apply({"params": params}, x.astype(dtype), t, y, train=True, rngs={"label_dropout": dropout_key})
+    out = conditioning.forward(model, params, x.astype(dtype), t, cond, train=True,
+                               rngs={"label_dropout": dropout_key})
     return out.astype(jnp.float32)
   return fn
 
 
 def make_train_step(config, model: nn.Module, diffusion: Diffusion, optimizer: optax.GradientTransformation,
                     teacher_model: nn.Module | None = None) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
-  """step(state, batch[, teacher_params]) -> (state, metrics); batch = {"x": (B, H, W, C), "y": (B,)}.
+  """step(state, batch[, teacher_params]) -> (state, metrics); batch = {"x": (B, H, W, C), "y": (B,)}, or for PixArt
+  {"x", "caption": (B, L, C_text), "mask": (B, L)}.
 
   teacher_params are expected already in the compute dtype (see place_teacher). Metrics: the loss terms, grad_norm
   (before clipping), param_norm (of the trained tree: the LoRA factors when LoRA is on) and lr.
@@ -113,13 +118,14 @@ def make_train_step(config, model: nn.Module, diffusion: Diffusion, optimizer: o
     x0 = batch["x"].astype(jnp.float32)
     t = jax.random.randint(t_key, x0.shape[:1], 0, diffusion.num_steps)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    # The teacher gets the student's dropout key, so both models drop the same labels.
+    cond = conditioning.cast_batch(model, batch, dtype)
+    # The teacher gets the student's dropout key, so both models drop the same labels (or captions).
     teacher_fn = (None if teacher_model is None else
-                  model_fn(teacher_model, teacher_params, batch["y"], dropout_key, dtype))
+                  model_fn(teacher_model, teacher_params, cond, dropout_key, dtype))
 
     def loss_fn(trained):
       params = cast_floating(model_params(state, trained, scale), dtype)
-      student_fn = model_fn(model, params, batch["y"], dropout_key, dtype)
+      student_fn = model_fn(model, params, cond, dropout_key, dtype)
       metrics = finetune_losses(config, diffusion, student_fn, teacher_fn, x0, t, noise)
       return metrics["loss"], metrics
 

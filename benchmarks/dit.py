@@ -91,11 +91,13 @@ def bench_depth() -> list[dict]:
   return rows
 
 
+def torch_lines(path: str | None) -> list[dict]:
+  """The JSON lines torch_reference.py printed (none without a file)."""
+  return [json.loads(line) for line in open(path) if line.startswith("{")] if path else []
+
+
 def torch_rows(path: str | None) -> dict:
-  if not path:
-    return {}
-  rows = [json.loads(line) for line in open(path) if line.startswith("{")]
-  return {r["what"]: r for r in rows}
+  return {r["what"]: r for r in torch_lines(path)}
 
 
 def main():

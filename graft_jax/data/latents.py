@@ -21,8 +21,9 @@ import os
 import pathlib
 import shutil
 import struct
+import time
 import zipfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -129,6 +130,23 @@ class ShardWriter:
     except BaseException:
       tmp.unlink(missing_ok=True)
       raise
+
+  def fill(self, metadata: Mapping[str, Any], rows: np.ndarray, shard_size: int,
+           sample: Callable[[int, np.ndarray], np.ndarray], keys: Callable[[int, np.ndarray], Sequence[str]],
+           extra: Callable[[np.ndarray], Mapping[str, np.ndarray]] | None = None) -> pathlib.Path:
+    """A generated set: shard i holds rows[i * shard_size:][:shard_size] (the labels y), its latents
+    sample(i, y), names keys(first row, y) and extra(y) arrays. Shards already written are kept (a rerun resumes);
+    then the folder is published."""
+    starts = range(0, len(rows), shard_size)
+    for index, start in enumerate(starts):
+      if self.done(index):
+        continue
+      began = time.monotonic()
+      y = rows[start:start + shard_size]
+      self.write(index, sample(index, y), y, keys(start, y), extra=extra(y) if extra else None)
+      logging.info("shard %d/%d: %d latents, %.2f samples/s", index + 1, len(starts), len(y),
+                   len(y) / (time.monotonic() - began))
+    return self.finish(metadata, len(starts))
 
   def finish(self, metadata: Mapping[str, Any], num_shards: int) -> pathlib.Path:
     """Records the shards 0..num_shards-1 (all must exist) and the skipped inputs, then publishes the folder."""

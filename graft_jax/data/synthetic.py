@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import time
 from typing import Any
 
 import jax
-from absl import logging
 
 from graft_jax.data.latents import DataError, ShardWriter, reuse_cache, tree_digest
 from graft_jax.models.vae import SD_SCALING_FACTOR
@@ -52,11 +50,7 @@ def synthesize(model, params: Any, out: str | os.PathLike, settings: SynthesisSe
     raise DataError(f"sampler must be one of {SAMPLERS}, got {settings.sampler!r}.")
   if settings.per_class < 1 or settings.steps < 1:
     raise DataError(f"per_class ({settings.per_class}) and steps ({settings.steps}) must be at least 1.")
-  mesh = mesh or partition.make_mesh({"data": -1}, jax.local_devices())
-  try:
-    partition.check_batch(mesh, settings.batch_size)
-  except ValueError as e:
-    raise DataError(str(e)) from None
+  mesh = sampling_mesh(mesh, settings.batch_size)
   labels = sample_labels(model.config.num_classes, settings.per_class)
   meta = _metadata(model.config, params, settings, teacher_source)
   if reuse_cache(out, {k: meta[k] for k in ("generator", "per_class", "scale", "vae")}):
@@ -66,17 +60,20 @@ def synthesize(model, params: Any, out: str | os.PathLike, settings: SynthesisSe
                      settings.eta)
   sharded_run, params = shard_over(run, params, mesh)
   key = jax.random.key(settings.seed)
-  starts = range(0, len(labels), settings.shard_size)
-  for index, start in enumerate(starts):
-    if writer.done(index):
-      continue
-    began = time.monotonic()
-    y = labels[start:start + settings.shard_size]
-    x = generate(sharded_run, params, y, jax.random.fold_in(key, index), settings.batch_size)
-    writer.write(index, x, y, [f"{settings.seed}-{start + i}" for i in range(len(y))])
-    logging.info("shard %d/%d: %d latents, %.2f samples/s", index + 1, len(starts), len(y),
-                 len(y) / (time.monotonic() - began))
-  return writer.finish(meta, len(starts))
+  return writer.fill(meta, labels, settings.shard_size,
+                     lambda index, y: generate(sharded_run, params, y, jax.random.fold_in(key, index),
+                                               settings.batch_size),
+                     lambda start, y: [f"{settings.seed}-{start + i}" for i in range(len(y))])
+
+
+def sampling_mesh(mesh, batch_size: int):
+  """`mesh` (default: every local device), once the batch is known to split over it; a DataError if not."""
+  mesh = mesh or partition.make_mesh({"data": -1}, jax.local_devices())
+  try:
+    partition.check_batch(mesh, batch_size)
+  except ValueError as e:
+    raise DataError(str(e)) from None
+  return mesh
 
 
 def _metadata(config, params: Any, settings: SynthesisSettings, teacher_source: str | None) -> dict[str, Any]:

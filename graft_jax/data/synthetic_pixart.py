@@ -14,17 +14,15 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
 from graft_jax.data.latents import DataError, ShardWriter, reuse_cache, tree_digest
+from graft_jax.data.synthetic import sampling_mesh
 from graft_jax.models.vae import SDXL_SCALING_FACTOR
 from graft_jax.samplers.pixart import SIGMA_CFG, SIGMA_STEPS, make_pixart_sampler, sample_latents
-from graft_jax.train import partition
 
 KIND = "synthetic_pixart"
 VAE_DOWNSAMPLING = 8  # PixArt-Sigma's latents come from the SDXL VAE
@@ -66,11 +64,7 @@ def synthesize_pixart(model, params: Any, caption: np.ndarray, mask: np.ndarray,
     raise DataError(f"per_prompt ({settings.per_prompt}) and steps ({settings.steps}) must be at least 1.")
   if len(caption) != len(prompts) or len(mask) != len(prompts):
     raise DataError(f"{len(prompts)} prompts but {len(caption)} caption embeddings and {len(mask)} masks.")
-  mesh = mesh or partition.make_mesh({"data": -1}, jax.local_devices())
-  try:
-    partition.check_batch(mesh, settings.batch_size)
-  except ValueError as e:
-    raise DataError(str(e)) from None
+  mesh = sampling_mesh(mesh, settings.batch_size)
   length = used_length(mask)
   caption, mask = np.asarray(caption, np.float32)[:, :length], np.asarray(mask, bool)[:, :length]
   meta = _metadata(model.config, params, settings, caption, mask, len(prompts), sources)
@@ -80,18 +74,11 @@ def synthesize_pixart(model, params: Any, caption: np.ndarray, mask: np.ndarray,
   writer = ShardWriter(out, meta)
   run = make_pixart_sampler(model, settings.steps, settings.cfg_scale)
   key = jax.random.key(settings.seed)
-  starts = range(0, len(rows), settings.shard_size)
-  for index, start in enumerate(starts):
-    if writer.done(index):
-      continue
-    began = time.monotonic()
-    y = rows[start:start + settings.shard_size]
-    x = sample_latents(run, params, caption[y], mask[y], jax.random.fold_in(key, index), settings.batch_size, mesh)
-    keys = [f"{settings.seed}-{start + i}-prompt{p}" for i, p in enumerate(y)]
-    writer.write(index, x, y, keys, extra={"caption": caption[y].astype(np.float16), "mask": mask[y]})
-    logging.info("shard %d/%d: %d latents, %.2f samples/s", index + 1, len(starts), len(y),
-                 len(y) / (time.monotonic() - began))
-  return writer.finish(meta, len(starts))
+  return writer.fill(meta, rows, settings.shard_size,
+                     lambda index, y: sample_latents(run, params, caption[y], mask[y], jax.random.fold_in(key, index),
+                                                     settings.batch_size, mesh),
+                     lambda start, y: [f"{settings.seed}-{start + i}-prompt{p}" for i, p in enumerate(y)],
+                     lambda y: {"caption": caption[y].astype(np.float16), "mask": mask[y]})
 
 
 def _metadata(config, params: Any, settings: PixArtSynthesisSettings, caption: np.ndarray, mask: np.ndarray,

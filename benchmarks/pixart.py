@@ -1,0 +1,63 @@
+"""PixArt-Sigma forward at 2048 px (16,384 tokens), batch 2 (one prompt with classifier-free guidance), bf16: the
+teacher and its Hyena-X graft (the paper's layers) against shared/bench/torch_reference.py in the same device call
+(issue: PixArt-Sigma, point 5).
+
+python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--out benchmarks/results]
+`--torch` takes the JSON lines of `torch_reference.py pixart` from the same call. Targets: our teacher at least 1.15x
+faster than PyTorch eager; the graft at least 1.6x faster than our teacher. Writes pixart.json.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import write_results
+from benchmarks.dit import torch_lines
+from graft_jax import graft
+from graft_jax.experiment_pixart import PAPER_LAYERS
+from graft_jax.models.config import pixart_config
+from graft_jax.models.pixart import PixArt, init_params
+from graft_jax.timing import median_ms
+from graft_jax.train.state import cast_floating
+
+
+def forward_ms(config, params, batch: int = 2) -> float:
+  """Median ms of one bf16 forward on a random batch (t = 500, a full 300-token caption)."""
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (batch, config.input_size, config.input_size, config.in_channels), jnp.bfloat16)
+  caption = jax.random.normal(key, (batch, config.caption_length, config.caption_channels), jnp.bfloat16)
+  t = jnp.full((batch,), 500)
+  run = jax.jit(lambda p, x, c: PixArt(config).apply({"params": p}, x, t, c))
+  return median_ms(run, cast_floating(params, jnp.bfloat16), x, caption, warmup=2, iters=5)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py pixart in the same run")
+  parser.add_argument("--image-size", type=int, default=2048)
+  parser.add_argument("--depth", type=int, default=28, help="fewer layers for a smoke run (the plan is clipped)")
+  parser.add_argument("--out", default="benchmarks/results")
+  args = parser.parse_args()
+  teacher = pixart_config(args.image_size, depth=args.depth)
+  params = init_params(teacher, jax.random.key(0))
+  layers = [i for i in PAPER_LAYERS if i < args.depth]
+  edits = graft.parse_plan([dict(site="attn", layers=layers, operator="hyena_x")], teacher)
+  student, student_params = graft.graft(teacher, params, edits, jax.random.key(1))
+  row = {"image_size": args.image_size, "tokens": teacher.num_tokens, "depth": args.depth, "batch": 2,
+         "grafted_layers": layers, "teacher_ms": forward_ms(teacher, params)}
+  row["graft_ms"] = forward_ms(student, student_params)
+  row["graft_speedup"] = row["teacher_ms"] / row["graft_ms"]
+  eager = next((r for r in torch_lines(args.torch) if r["what"] == "pixart_sigma_fwd_bf16_eager"
+                and r.get("res") == args.image_size), None)
+  if eager and args.depth == 28:  # the reference is the whole 28-layer model
+    row["torch_eager_ms"] = eager["ms"]
+    row["teacher_speedup_over_torch_eager"] = eager["ms"] / row["teacher_ms"]
+  row["targets"] = {"teacher_over_torch_eager": 1.15, "graft_over_teacher": 1.6}
+  print(row, flush=True)
+  print(write_results("pixart", [row], {"dtype": "bfloat16"}, args.out))
+
+
+if __name__ == "__main__":
+  main()

@@ -8,7 +8,7 @@ channels) with learned-range variance, or eps alone (C channels) with a fixed va
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -243,9 +243,20 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array
   """Classifier-free guidance around `apply_fn(x, t, y)`: one doubled batch (labels y, then the null label
   `num_classes`); eps = uncond + scale * (cond - uncond) on the first `channels` output channels (3 is DiT's official
   choice; None guides all), every other channel taken from the conditional half."""
+  return guided_model_fn(apply_fn, y, jnp.full_like(y, num_classes), scale, channels)
+
+
+def guided_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], cond: Any, uncond: Any,
+                    scale: float, channels: int | None = 3) -> ModelFn:
+  """Classifier-free guidance around `apply_fn(x, t, context)`: one doubled batch (the conditional context, then the
+  unconditional one; matching pytrees with the batch on axis 0 of every leaf), guided on `channels` (see `guide`).
+  At scale 1 guidance is the conditional output itself, so the unconditional half is not computed."""
+  if scale == 1.0:
+    return lambda x, t: apply_fn(x, t, cond)
+
   def model_fn(x, t):
-    out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                   jnp.concatenate([y, jnp.full_like(y, num_classes)]))
+    context = jax.tree.map(lambda u, v: jnp.concatenate([u, v]), cond, uncond)
+    out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), context)
     return guide(*jnp.split(out, 2), scale, channels)
   return model_fn
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.diffusion import cfg_model_fn, make_diffusion
@@ -27,8 +26,7 @@ def make_sampler(model, sampler: str = "ddpm", steps: int = 250, cfg_scale: floa
   @jax.jit
   def run(params, labels, key):
     apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-    model_fn = cfg_model_fn(apply_fn, labels, cfg_scale, cfg.num_classes, guided_channels) if cfg_scale != 1.0 \
-        else (lambda x, t: apply_fn(x, t, labels))
+    model_fn = cfg_model_fn(apply_fn, labels, cfg_scale, cfg.num_classes, guided_channels)
     shape = (labels.shape[0], *shape_hw)
     if sampler == "ddim":
       x = diffusion.ddim_sample_loop(model_fn, shape, key, eta)
@@ -44,15 +42,19 @@ def shard_over(run, params, mesh):
   return (lambda p, y, key: run(p, jax.device_put(y, data), key)), jax.device_put(params, partition.replicated(mesh))
 
 
-def generate(run, params, labels: np.ndarray, key, batch_size: int, progress=None) -> np.ndarray:
-  """Samples for `labels` in batches (the last batch padded to full size so one program serves every batch)."""
+def generate(run, params, rows, key, batch_size: int, progress=None) -> np.ndarray:
+  """Samples for `rows` (labels, or any pytree of arrays with one row per sample, e.g. captions and masks) in
+  batches; batch k's noise is fold_in(key, k * batch_size), and the last batch is padded with zero rows so that
+  one program serves every batch."""
+  total = len(jax.tree.leaves(rows)[0])
   out = []
-  for start in range(0, len(labels), batch_size):
-    chunk = labels[start:start + batch_size]
-    padded = np.pad(chunk, (0, batch_size - len(chunk)))
-    out.append(np.asarray(run(params, jnp.asarray(padded), jax.random.fold_in(key, start)))[: len(chunk)])
+  for start in range(0, total, batch_size):
+    chunk = jax.tree.map(lambda a: a[start:start + batch_size], rows)
+    count = len(jax.tree.leaves(chunk)[0])
+    padded = jax.tree.map(lambda a: np.pad(a, [(0, batch_size - count)] + [(0, 0)] * (a.ndim - 1)), chunk)
+    out.append(np.asarray(run(params, padded, jax.random.fold_in(key, start)))[:count])
     if progress:
-      progress(start + len(chunk), len(labels))
+      progress(start + count, total)
   return np.concatenate(out)
 
 

@@ -52,8 +52,7 @@ def make_trajectory(model, steps: int, cfg_scale: float, guided_channels):
   @jax.jit
   def run(params, labels, key):
     apply = lambda x, t, y: model.apply({"params": params}, x, t, y)
-    model_fn = (cfg_model_fn(apply, labels, cfg_scale, cfg.num_classes, guided_channels) if cfg_scale != 1.0
-                else (lambda x, t: apply(x, t, labels)))
+    model_fn = cfg_model_fn(apply, labels, cfg_scale, cfg.num_classes, guided_channels)
 
     def body(x, i):
       t = jnp.full((x.shape[0],), i, jnp.int32)

@@ -89,8 +89,7 @@ def measure(model, params, config) -> dict:
 
   def ddim_step(p, x, y):
     apply = lambda x, t, y: model.apply({"params": p}, x.astype(dtype), t, y).astype(jnp.float32)
-    model_fn = (cfg_model_fn(apply, y, s.cfg_scale, cfg.num_classes, s.guided_channels) if s.cfg_scale != 1.0
-                else (lambda x, t: apply(x, t, y)))
+    model_fn = cfg_model_fn(apply, y, s.cfg_scale, cfg.num_classes, s.guided_channels)
     t = jnp.full((x.shape[0],), b.sample_steps // 2, jnp.int32)  # any step costs the same; the middle one
     return diffusion.ddim_sample(model_fn, x, t, jnp.zeros_like(x))
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from graft_jax.diffusion import guide, linear_betas
+from graft_jax.diffusion import guided_model_fn, linear_betas
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -126,8 +126,4 @@ def cfg_model_fn(apply_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], con
   """Classifier-free guidance as PixArt does it: one doubled batch (conditional inputs, then the caller's
   unconditional ones, e.g. the null caption's or the empty prompt's embeddings and mask), guided on ALL output
   channels. `cond` and `uncond` are matching pytrees with the batch on axis 0 of every leaf."""
-  def model_fn(x, t):
-    context = jax.tree.map(lambda u, v: jnp.concatenate([u, v]), cond, uncond)
-    out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), context)
-    return guide(*jnp.split(out, 2), scale, channels=None)
-  return model_fn
+  return guided_model_fn(apply_fn, cond, uncond, scale, channels=None)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from graft_jax.sample import generate, shard_over
 from graft_jax.samplers.dpm_solver import cfg_model_fn, make_dpm_solver
 from graft_jax.train import partition
 from graft_jax.train.conditioning import pad_caption
@@ -37,10 +38,7 @@ def make_pixart_sampler(model, steps: int = SIGMA_STEPS, cfg_scale: float = SIGM
     apply_fn = lambda x, t, c: model.apply({"params": params}, x, t, c["caption"], c["mask"], drop=c["drop"])
     b = caption.shape[0]
     cond = {"caption": caption, "mask": mask, "drop": jnp.zeros((b,), bool)}
-    if cfg_scale == 1.0:
-      model_fn = lambda x, t: apply_fn(x, t, cond)
-    else:
-      model_fn = cfg_model_fn(apply_fn, cond, {**cond, "drop": jnp.ones((b,), bool)}, cfg_scale)
+    model_fn = cfg_model_fn(apply_fn, cond, {**cond, "drop": jnp.ones((b,), bool)}, cfg_scale)
     noise = jax.random.normal(key, (b, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
     return solver.sample(model_fn, noise)
   return run
@@ -53,16 +51,7 @@ def sample_latents(run: Callable, params, caption: np.ndarray, mask: np.ndarray,
   captions so that one compiled program serves every batch."""
   mesh = mesh or partition.make_mesh({"data": -1}, jax.local_devices())
   partition.check_batch(mesh, batch_size)
-  data = partition.batch_sharding(mesh)
-  params = jax.device_put(params, partition.replicated(mesh))
-  out = []
-  for start in range(0, len(caption), batch_size):
-    c, m = caption[start:start + batch_size], mask[start:start + batch_size]
-    short = batch_size - len(c)
-    c = np.concatenate([c, np.zeros((short, *c.shape[1:]), c.dtype)])
-    m = np.concatenate([m, np.zeros((short, *m.shape[1:]), m.dtype)])
-    x = run(params, jax.device_put(c, data), jax.device_put(m, data), jax.random.fold_in(key, start))
-    out.append(np.asarray(x)[:batch_size - short])
-    if progress:
-      progress(start + batch_size - short, len(caption))
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+  if len(caption) == 0:
+    return np.zeros((0,), np.float32)
+  sharded, params = shard_over(lambda p, rows, k: run(p, *rows, k), params, mesh)
+  return generate(sharded, params, (np.asarray(caption), np.asarray(mask)), key, batch_size, progress)

@@ -11,7 +11,7 @@ import argparse
 import jax
 
 from benchmarks.common import write_results
-from benchmarks.dit import batch_of, peak_memory_gb, train_step_ms
+from benchmarks.dit import batch_of, peak_memory_gb, train_runner, train_step_ms
 from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.train import finetune, partition
 
@@ -44,7 +44,7 @@ def main():
     config = finetune.default_config()
     config.update(dict(batch_size=args.per_device_batch * n, mesh=layout))
     mesh = partition.make_mesh(layout, devices[:n])
-    ms = train_step_ms(config, model, params, mesh, batch_of(config.batch_size))
+    ms = train_step_ms(train_runner(config, model, params, mesh, batch_of(config.batch_size)))
     row = {"devices": n, "mesh": layout, "global_batch": config.batch_size, "ms": ms,
            "img_per_s": config.batch_size / ms * 1e3, "peak_mem_gb_device0": peak_memory_gb(devices[0])}
     single = single or row["img_per_s"]

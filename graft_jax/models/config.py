@@ -78,6 +78,10 @@ class ParallelPairSpec:
 
 Layer = LayerSpec | ParallelPairSpec
 
+# What a layer keeps for the backward pass: everything (none), only its matmul outputs (dots: elementwise work such
+# as norms, modulation and GELU is recomputed, attention too), or only its input (full).
+REMAT = ("none", "dots", "full")
+
 
 def layer_from_json(d: Mapping[str, Any]) -> Layer:
   """A plain block's JSON has no "kind" (the format older exports use); a pair's says "parallel_pair"."""
@@ -98,6 +102,10 @@ class LatentTransformerConfig:
   by (layer, site). Subclasses are frozen dataclasses with the fields these methods read."""
   MODEL: ClassVar[str]   # the "model" entry of the JSON form, the key of checkpoints._MODELS
   TITLE: ClassVar[str]   # for error messages
+
+  def __post_init__(self):
+    if self.remat not in REMAT:
+      raise ValueError(f"model remat {self.remat!r} is not one of {', '.join(REMAT)}.")
 
   @property
   def depth(self) -> int:
@@ -166,6 +174,7 @@ class DiTConfig(LatentTransformerConfig):
   num_classes: int = 1000       # index num_classes is the null class (CFG, label dropout)
   learn_sigma: bool = True
   class_dropout_prob: float = 0.1
+  remat: str = "none"           # activation recomputation per layer in training: none | dots | full (REMAT)
   layers: tuple[Layer, ...] = ()
 
 
@@ -189,6 +198,7 @@ class PixArtConfig(LatentTransformerConfig):
   learn_sigma: bool = True
   pe_interpolation: float = 2.0  # image_size / 512 in PixArt-Sigma (diffusers' interpolation_scale)
   caption_dropout_prob: float = 0.1
+  remat: str = "none"           # as DiTConfig.remat
   layers: tuple[LayerSpec, ...] = ()
 
   @property

@@ -20,21 +20,10 @@ import jax.numpy as jnp
 from graft_jax.diffusion import guide
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
+from graft_jax.operators.fused import norm_modulate
 
 zeros = nn.initializers.zeros
 normal_002 = nn.initializers.normal(0.02)
-
-
-def layer_norm(x, eps: float = 1e-6):
-  """LayerNorm without affine, always in float32 (bf16 statistics drift over 28 layers)."""
-  xf = x.astype(jnp.float32)
-  mean = xf.mean(-1, keepdims=True)
-  var = jnp.square(xf - mean).mean(-1, keepdims=True)
-  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def modulate(x, shift, scale):
-  return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def adaln(c, chunks: int, name: str):
@@ -79,9 +68,9 @@ class DiTBlock(nn.Module):
   def __call__(self, x, c):
     self.sow("intermediates", "block_in", x)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(c, 6, "adaLN_modulation")
-    attn = self.site("attn", modulate(layer_norm(x), shift_msa, scale_msa), gate_msa[:, None])
+    attn = self.site("attn", norm_modulate(x, shift_msa, scale_msa), gate_msa[:, None])
     h = x + attn
-    mlp = self.site("mlp", modulate(layer_norm(h), shift_mlp, scale_mlp), gate_mlp[:, None])
+    mlp = self.site("mlp", norm_modulate(h, shift_mlp, scale_mlp), gate_mlp[:, None])
     # The update is summed on its own (not taken as output - x), so a 16-bit residual stream loses nothing.
     update = attn + mlp
     self.sow("intermediates", "block_update", update)
@@ -99,6 +88,14 @@ def operator_site(block: nn.Module, name: str, h, gate):
   block.sow("intermediates", f"{name}_out", out)
   block.sow("intermediates", f"{name}_gate", gate)
   return gate * out
+
+
+def remat_layer(cls: type[nn.Module], remat: str) -> type[nn.Module]:
+  """`cls` with activations recomputed in the backward pass as config.REMAT says (parameter names unchanged)."""
+  if remat == "none":
+    return cls
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+  return nn.remat(cls, policy=policy)
 
 
 def merge_init(key, shape, dtype=jnp.float32):
@@ -129,7 +126,7 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     shift, scale = adaln(c, 2, "adaLN_modulation")
-    x = modulate(layer_norm(x), shift, scale)
+    x = norm_modulate(x, shift, scale)
     return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=zeros, name="linear")(x)
 
 
@@ -151,7 +148,7 @@ class DiT(nn.Module):
     c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train).astype(h.dtype)
     self.sow("intermediates", "cond", c)
     for i, spec in enumerate(cfg.layers):
-      layer = ParallelPair if isinstance(spec, ParallelPairSpec) else DiTBlock
+      layer = remat_layer(ParallelPair if isinstance(spec, ParallelPairSpec) else DiTBlock, cfg.remat)
       h = layer(d, spec, name=f"blocks_{i}")(h, c)
     h = FinalLayer(p, cfg.out_channels, name="final_layer")(h, c)
     return unpatchify(h, p, cfg.grid_size, cfg.grid_size)

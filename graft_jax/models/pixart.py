@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 from graft_jax.diffusion import guide
 from graft_jax.models.config import LayerSpec, PixArtConfig
-from graft_jax.models.dit import TimestepEmbedder, layer_norm, modulate, normal_002, operator_site, zeros
+from graft_jax.models.dit import TimestepEmbedder, normal_002, operator_site, remat_layer, zeros
 from graft_jax.models.embeddings import sincos_2d, unpatchify
 from graft_jax.operators import init
+from graft_jax.operators.fused import gelu_tanh, norm_modulate
 
 
 def randn_init(key, shape, dtype=jnp.float32):
@@ -45,7 +46,7 @@ class CaptionEmbedder(nn.Module):
                          f"{caption.shape[1]}")
       caption = jnp.where(drop[:, None, None], null.astype(caption.dtype), caption)
     h = nn.Dense(self.dim, kernel_init=normal_002, name="fc1")(caption)
-    return nn.Dense(self.dim, kernel_init=normal_002, name="fc2")(nn.gelu(h, approximate=True))
+    return nn.Dense(self.dim, kernel_init=normal_002, name="fc2")(gelu_tanh(h))
 
 
 class CrossAttention(nn.Module):
@@ -58,10 +59,10 @@ class CrossAttention(nn.Module):
   def __call__(self, x, y, mask):
     b, n, d = x.shape
     q = init.dense(d, "q_linear")(x).reshape(b, n, self.num_heads, -1)
-    k, v = jnp.split(init.dense(2 * d, "kv_linear")(y).reshape(b, y.shape[1], 2, self.num_heads, -1), 2, axis=2)
+    k, v = (u.reshape(b, y.shape[1], self.num_heads, -1) for u in init.FusedDense(d, 2, name="kv_linear")(y))
     mask = None if mask is None else mask.astype(bool)[:, None, None, :]
     # XLA, not cuDNN: the logits are only (N, 300) per head, and a boolean key mask is XLA's plain path.
-    out = jax.nn.dot_product_attention(q, k[:, :, 0], v[:, :, 0], mask=mask, implementation="xla")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     return nn.Dense(d, kernel_init=zeros, name="proj")(out.reshape(b, n, d))
 
 
@@ -75,9 +76,9 @@ class PixArtBlock(nn.Module):
     table = self.param("scale_shift_table", randn_init, (6, self.dim))
     mods = table[None].astype(t6.dtype) + t6.reshape(t6.shape[0], 6, self.dim)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (mods[:, k] for k in range(6))
-    x = x + operator_site(self, "attn", modulate(layer_norm(x), shift_msa, scale_msa), gate_msa[:, None])
+    x = x + operator_site(self, "attn", norm_modulate(x, shift_msa, scale_msa), gate_msa[:, None])
     x = x + CrossAttention(self.dim, self.num_heads, name="cross_attn")(x, y, mask)
-    return x + operator_site(self, "mlp", modulate(layer_norm(x), shift_mlp, scale_mlp), gate_mlp[:, None])
+    return x + operator_site(self, "mlp", norm_modulate(x, shift_mlp, scale_mlp), gate_mlp[:, None])
 
 
 class FinalLayer(nn.Module):
@@ -89,7 +90,7 @@ class FinalLayer(nn.Module):
   def __call__(self, x, t):
     table = self.param("scale_shift_table", randn_init, (2, x.shape[-1]))
     mods = table[None].astype(t.dtype) + t[:, None]
-    x = modulate(layer_norm(x), mods[:, 0], mods[:, 1])
+    x = norm_modulate(x, mods[:, 0], mods[:, 1])
     return nn.Dense(self.patch_size ** 2 * self.out_channels, kernel_init=zeros, name="linear")(x)
 
 
@@ -123,7 +124,7 @@ class PixArt(nn.Module):
     y = y.astype(h.dtype)
 
     for i, spec in enumerate(cfg.layers):
-      h = PixArtBlock(d, cfg.num_heads, spec, name=f"blocks_{i}")(h, t6, y, mask)
+      h = remat_layer(PixArtBlock, cfg.remat)(d, cfg.num_heads, spec, name=f"blocks_{i}")(h, t6, y, mask)
     h = FinalLayer(p, cfg.out_channels, name="final_layer")(h, temb)
     return unpatchify(h, p, gh, gw)
 

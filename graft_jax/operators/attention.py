@@ -29,6 +29,12 @@ def split_heads(qkv: jax.Array, num_heads: int):
   return q[:, :, 0], k[:, :, 0], v[:, :, 0]
 
 
+def project_heads(x: jax.Array, num_heads: int):
+  """DiT's fused qkv Linear (submodule "qkv") on (B, N, D) -> q, k, v, each (B, N, H, D/H) and contiguous."""
+  b, n, d = x.shape
+  return [y.reshape(b, n, num_heads, -1) for y in init.FusedDense(d, 3, name="qkv")(x)]
+
+
 def torch_fused_qkv(qkv_name: str, out_name: str):
   """Importer for PyTorch attention with a fused (3D, D) qkv Linear and an output Linear."""
   def from_torch(t, dim, num_heads):
@@ -49,7 +55,7 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x):
     if self.dim % self.num_heads:
       raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
-    q, k, v = split_heads(init.dense(3 * self.dim, "qkv")(x), self.num_heads)
+    q, k, v = project_heads(x, self.num_heads)
     y = jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(self.backend, q.dtype))
     return init.dense(self.dim, "proj")(y.reshape(x.shape))
 
@@ -174,7 +180,7 @@ class SlidingWindowAttention(nn.Module):
       raise ValueError(f"SWA backend must be one of {SWA_BACKENDS}, got {self.backend!r}")
     if self.backend in ("tiled", "splash") and self.grid is not None:
       raise ValueError(f"the {self.backend} SWA backend runs 1-D windows only; use 'shift' (or 'auto') with a grid")
-    q, k, v = split_heads(init.dense(3 * self.dim, "qkv")(x), self.num_heads)
+    q, k, v = project_heads(x, self.num_heads)
     backend = swa_backend(self.backend, self.grid)
     if backend == "splash":
       y = splash_band_attention(q, k, v, self.window)

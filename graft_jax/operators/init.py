@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 
@@ -11,6 +12,25 @@ def dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
   """DiT initialises every Linear xavier-uniform with zero bias."""
   return nn.Dense(features, use_bias=use_bias, name=name, kernel_init=nn.initializers.xavier_uniform(),
                   bias_init=nn.initializers.zeros)
+
+
+class FusedDense(nn.Module):
+  """`parts` Linears of `features` outputs each, stored as PyTorch fuses them (one Dense: kernel (D, parts * F),
+  bias (parts * F,), initialised as one xavier-uniform matrix) but applied as `parts` matmuls on slices of the
+  weights. Each output is then its own contiguous array: a consumer such as cuDNN attention would otherwise get a
+  copy of each part sliced out of the fused (..., parts * F) result (3 x 2.6 ms of DiT-XL/2's 124 ms forward at
+  batch 256 on an H200), and the backward pass a concatenation of their gradients."""
+  features: int
+  parts: int
+
+  @nn.compact
+  def __call__(self, x) -> list[jax.Array]:
+    width = self.parts * self.features
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], width))
+    bias = self.param("bias", nn.initializers.zeros, (width,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    cuts = [slice(i * self.features, (i + 1) * self.features) for i in range(self.parts)]
+    return [x @ kernel[:, cut] + bias[cut] for cut in cuts]
 
 
 def dense_from_torch(tensors: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

@@ -20,10 +20,19 @@ import jax.numpy as jnp
 from graft_jax.diffusion import guide
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
-from graft_jax.operators.fused import norm_modulate
 
 zeros = nn.initializers.zeros
 normal_002 = nn.initializers.normal(0.02)
+
+
+def norm_modulate(x, shift, scale, eps: float = 1e-6):
+  """LN(x) * (1 + scale) + shift (adaLN modulation) for x (B, N, D) and per-sample shift, scale (B, D). LayerNorm
+  without affine, statistics always in float32 (bf16 statistics drift over 28 layers)."""
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(-1, keepdims=True)
+  var = jnp.square(xf - mean).mean(-1, keepdims=True)
+  normed = ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  return normed * (1 + scale[:, None]) + shift[:, None]
 
 
 def adaln(c, chunks: int, name: str):

@@ -19,10 +19,9 @@ import jax.numpy as jnp
 
 from graft_jax.diffusion import guide
 from graft_jax.models.config import LayerSpec, PixArtConfig
-from graft_jax.models.dit import TimestepEmbedder, normal_002, operator_site, remat_layer, zeros
+from graft_jax.models.dit import TimestepEmbedder, norm_modulate, normal_002, operator_site, remat_layer, zeros
 from graft_jax.models.embeddings import sincos_2d, unpatchify
 from graft_jax.operators import init
-from graft_jax.operators.fused import gelu_tanh, norm_modulate
 
 
 def randn_init(key, shape, dtype=jnp.float32):
@@ -46,7 +45,7 @@ class CaptionEmbedder(nn.Module):
                          f"{caption.shape[1]}")
       caption = jnp.where(drop[:, None, None], null.astype(caption.dtype), caption)
     h = nn.Dense(self.dim, kernel_init=normal_002, name="fc1")(caption)
-    return nn.Dense(self.dim, kernel_init=normal_002, name="fc2")(gelu_tanh(h))
+    return nn.Dense(self.dim, kernel_init=normal_002, name="fc2")(nn.gelu(h, approximate=True))
 
 
 class CrossAttention(nn.Module):

@@ -25,8 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax.operators.fused import gelu_tanh
-
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
@@ -134,7 +132,7 @@ class GatedGeluFFN(nn.Module):
   def __call__(self, x):
     c = self.config
     # transformers' "gelu_new" is the tanh approximation, which is flax's default.
-    gate = gelu_tanh(_dense(c.d_ff, "wi_0", self.dtype, c.d_model)(x))
+    gate = nn.gelu(_dense(c.d_ff, "wi_0", self.dtype, c.d_model)(x), approximate=True)
     return _dense(c.d_model, "wo", self.dtype, c.d_ff)(gate * _dense(c.d_ff, "wi_1", self.dtype, c.d_model)(x))
 
 

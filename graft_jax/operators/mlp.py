@@ -4,7 +4,6 @@ from __future__ import annotations
 import flax.linen as nn
 
 from graft_jax.operators import init
-from graft_jax.operators.fused import gelu_tanh
 from graft_jax.operators.registry import register
 
 
@@ -22,4 +21,4 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     hidden = int(round(self.dim * self.ratio))
-    return init.dense(self.dim, "fc2")(gelu_tanh(init.dense(hidden, "fc1")(x)))
+    return init.dense(self.dim, "fc2")(nn.gelu(init.dense(hidden, "fc1")(x), approximate=True))

@@ -1,8 +1,10 @@
 """Stage-1 speed on one accelerator: the 14 odd attention layers of DiT-XL/2 grafted with SWA, batch 64, bf16.
 
-python benchmarks/distill.py [--steps 60]
+python benchmarks/distill.py [--steps 60] [--profile]
 Runs the real stage-1 trainer (random teacher weights, random latents), reads its measured steps/s (compilation
-excluded) and extrapolates to the paper's 200 epochs over 8k samples. Writes distill.json.
+excluded) and extrapolates to the paper's 200 epochs over 8k samples. With --profile, the run's GPU kernels are
+summed too (device ms per step against wall ms per step: a gap means the host, not the GPU, sets the pace).
+Writes distill.json.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import write_results
+from benchmarks.profile import kernel_times, summary
 from graft_jax import graft
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config, init_params
@@ -38,6 +41,7 @@ def teacher_forward_ms(teacher, params, edits, student) -> float:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--profile", action="store_true")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   teacher = dit_config("DiT-XL/2")
@@ -53,8 +57,10 @@ def main():
   config.update(dict(steps=args.steps, log_every=args.steps // 3, checkpoint_every=args.steps,
                      compute_dtype="bfloat16"))
   with tempfile.TemporaryDirectory() as workdir:
-    _, errors = distill.run_distill(config, DiT(teacher), params, student, student_params, graft.sites(edits), data,
-                                    heldout, workdir)
+    def run():
+      distill.run_distill(config, DiT(teacher), params, student, student_params, graft.sites(edits), data, heldout,
+                          workdir)
+    kernels = kernel_times(run, calls=1) if args.profile else run()
     rows = read_metrics(pathlib.Path(workdir) / "metrics" / "metrics.jsonl")
   teacher_ms = teacher_forward_ms(teacher, params, edits, student)
   steps_per_sec = float(np.median([r["steps_per_sec"] for r in rows[1:]]))  # the first interval holds compilation
@@ -63,6 +69,8 @@ def main():
             "teacher_capture_forward_ms": teacher_ms, "step_ms": 1e3 / steps_per_sec,
             "paper_schedule_steps": paper_steps, "paper_schedule_minutes": paper_steps / steps_per_sec / 60,
             "target_minutes": 30, "target_met": paper_steps / steps_per_sec / 60 < 30}
+  if args.profile:  # the whole run, compilation and held-out evaluation included, per step
+    result["profile_per_step"] = summary({k: v / args.steps for k, v in kernels.items()}, top=30)
   print(write_results("distill", [result], {"dtype": "bfloat16"}, args.out))
   print(result)
 

@@ -19,7 +19,7 @@ from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.data.latents import DataError, read_metadata
 from graft_jax.files import write_atomic
 from graft_jax.models.pixart import PixArt
-from graft_jax.samplers.pixart import make_pixart_sampler, null_caption_missing, sample_latents
+from graft_jax.samplers.pixart import choose_negative_prompt, make_pixart_sampler, sample_latents
 from graft_jax.train import partition
 
 LATENTS = "samples_latents.npz"
@@ -52,10 +52,20 @@ def _teacher(config):
   return model, params
 
 
-def warn_null_caption(params, stage: str) -> None:
-  if null_caption_missing(params):
-    print(f"{stage}: warning: the model's learned null caption is all zeros (diffusers weights carry none), so "
-          f"guidance and caption dropout use zeros; convert PixArt's original .pth to get the real one.", flush=True)
+def negative_caption(config, block, params, model_config, stage: str) -> tuple[str | None, tuple | None]:
+  """(negative prompt, its (caption, mask)) for guidance, or (None, None) for the learned null caption; the choice
+  is samplers.pixart.choose_negative_prompt's, from `block.negative_prompt`."""
+  text, note = choose_negative_prompt(params, block.get("negative_prompt"), bool(config.text.t5))
+  if note:
+    print(f"{stage}: {note}", flush=True)
+  if text is None:
+    return None, None
+  try:
+    caption, mask = prompts.embed_prompts(config.text, [text], model_config.caption_length,
+                                          model_config.caption_channels)
+  except DataError as e:
+    raise pipeline.UserError(f"the negative prompt cannot be encoded: {e}") from None
+  return text, (caption[0], mask[0])
 
 
 def embed(config, prompt_file: str, embeddings: str, model_config, what: str):
@@ -73,13 +83,14 @@ def stage_synthesize(config, workdir: pathlib.Path) -> dict:
   """The teacher's samples for data.prompts (data.synthesize settings) into data.synthetic_path."""
   from graft_jax.data import synthetic_pixart
   model, params = _teacher(config)
-  warn_null_caption(params, "synthesize")
+  negative_prompt, negative = negative_caption(config, config.synthesize, params, model.config, "synthesize")
   prompt_list, caption, mask = embed(config, config.data.prompts, config.data.get("embeddings", ""), model.config,
                                      "prompt file (data.prompts)")
   s = config.synthesize
   settings = synthetic_pixart.PixArtSynthesisSettings(
       per_prompt=s.per_prompt, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed, batch_size=s.batch_size,
-      shard_size=s.shard_size, scale=config.vae.scale)  # latents in the teacher's own space: no VAE identity
+      shard_size=s.shard_size, scale=config.vae.scale,  # latents in the teacher's own space: no VAE identity
+      negative_prompt=negative_prompt)
   out = pipeline.data_path(config, "synthetic", workdir)
   sources = {"teacher": config.model.checkpoint or "fresh",
              "prompts": str(pathlib.Path(config.data.prompts).absolute()),
@@ -87,7 +98,8 @@ def stage_synthesize(config, workdir: pathlib.Path) -> dict:
   # One writer: the sampling mesh is this process's devices, so other processes have nothing to join.
   if hosts.is_writer():
     try:
-      synthetic_pixart.synthesize_pixart(model, params, caption, mask, prompt_list, out, settings, sources)
+      synthetic_pixart.synthesize_pixart(model, params, caption, mask, prompt_list, out, settings, sources,
+                                         negative=negative)
     except DataError as e:
       raise pipeline.UserError(str(e)) from None
   hosts.barrier(f"synthesized {out}")
@@ -97,7 +109,7 @@ def stage_synthesize(config, workdir: pathlib.Path) -> dict:
 def sample(config, workdir: pathlib.Path, model, params) -> dict:
   """Latents for every prompt of sample.prompts (sample.per_prompt each), decoded to PNGs when a VAE is given."""
   s = config.sample
-  warn_null_caption(params, "sample")
+  _, negative = negative_caption(config, s, params, model.config, "sample")
   prompt_list, caption, mask = embed(config, s.prompts, s.get("embeddings", ""), model.config,
                                      "sample prompt file (sample.prompts)")
   rows = np.repeat(np.arange(len(prompt_list)), int(s.get("per_prompt", 1)))
@@ -109,7 +121,8 @@ def sample(config, workdir: pathlib.Path, model, params) -> dict:
   def progress(done, total):
     print(f"sample: {done}/{total} latents, {done / (time.time() - start):.2f}/s", flush=True)
 
-  latents = sample_latents(run, params, caption[rows], mask[rows], jax.random.key(s.seed), batch_size, mesh, progress)
+  latents = sample_latents(run, params, caption[rows], mask[rows], jax.random.key(s.seed), batch_size, mesh, progress,
+                           negative)
   texts = [prompt_list[r] for r in rows]
   if not hosts.is_writer():
     return {}

@@ -190,3 +190,50 @@ def test_shrunk_pixart_experiment_end_to_end(tmp_path, text_encoder, vae_folder)
   again = run_main(*args[:3], "--config.vae.path=", cwd=tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("already done") == 3 and "no VAE given" in again.stdout
+
+
+def test_negative_prompt_guidance():
+  """A negative caption replaces the learned null caption in the unconditional half: given the null caption itself
+  with the prompts' mask, the samples are the same; weights without a null caption guide against "" when a text
+  encoder can encode it."""
+  from graft_jax.samplers.pixart import choose_negative_prompt, make_pixart_sampler, sample_latents
+  config = tiny_pixart()
+  model, params = PixArt(config), init_params(config, jax.random.key(0))
+  # Zero-initialised outputs (cross-attention, final layer) would hide the caption: perturb every weight.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  params = tree.unflatten([a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+  rng = np.random.default_rng(0)
+  caption = rng.standard_normal((3, 6, 8)).astype(np.float32)
+  mask = np.tile(np.arange(6) < 4, (3, 1))
+  run = make_pixart_sampler(model, steps=3)
+  key = jax.random.key(1)
+  learned = sample_latents(run, params, caption, mask, key, 8)
+  null = (np.asarray(params["y_embedder"]["y_embedding"]), mask[0])
+  np.testing.assert_allclose(sample_latents(run, params, caption, mask, key, 8, negative=null), learned,
+                             rtol=1e-5, atol=1e-5)
+  other = (rng.standard_normal((2, 8)).astype(np.float32), np.array([True, False]))  # shorter: padded
+  assert np.abs(sample_latents(run, params, caption, mask, key, 8, negative=other) - learned).max() > 1e-3
+
+  zeroed = {**params, "y_embedder": {**params["y_embedder"], "y_embedding": jnp.zeros((6, 8))}}
+  assert choose_negative_prompt(params, None, True) == (None, None)
+  assert choose_negative_prompt(params, "blurry", False) == ("blurry", None)
+  text, note = choose_negative_prompt(zeroed, None, True)
+  assert text == "" and "diffusers" in note
+  text, note = choose_negative_prompt(zeroed, None, False)
+  assert text is None and note.startswith("warning")
+
+
+def test_negative_prompt_needs_a_text_encoder(tmp_path):
+  from graft_jax import checkpoints
+  from graft_jax.data import cli
+  from graft_jax.text import save_prompt_embeddings
+  config = tiny_pixart()
+  checkpoints.save(tmp_path / "teacher", config, init_params(config, jax.random.key(0)))
+  (tmp_path / "p.txt").write_text("snow\n")
+  save_prompt_embeddings(tmp_path / "emb.npz", np.ones((1, 6, 8), np.float32), np.ones((1, 6), bool))
+  args = ["synthesize-pixart", "--teacher", str(tmp_path / "teacher"), "--prompts", str(tmp_path / "p.txt"),
+          "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "set")]
+  assert cli.main([*args, "--embeddings", str(tmp_path / "emb.npz"), "--negative-prompt", "blurry"]) == 2
+  assert not (tmp_path / "set").exists()
+  assert cli.main([*args, "--t5", "random", "--negative-prompt", "blurry"]) == 0

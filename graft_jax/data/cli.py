@@ -67,7 +67,9 @@ def parser() -> argparse.ArgumentParser:
   pixart.add_argument("--out", required=True, help="the cache folder to create")
   pixart.add_argument("--per-prompt", type=int, default=1, help="samples of every prompt")
   pixart.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-  pixart.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (learned null caption)")
+  pixart.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
+  pixart.add_argument("--negative-prompt", help="guide against this prompt's T5 encoding (needs --t5) instead of the "
+                      "learned null caption; weights without one (diffusers') use \"\" by default")
   pixart.add_argument("--seed", type=int, default=0, help="sampling noise")
   pixart.add_argument("--batch-size", type=int, default=8, help="per step, split over the local devices")
   pixart.add_argument("--shard-size", type=int, default=1024, help="latents per .npz shard")
@@ -105,7 +107,7 @@ def _synthesize_pixart(args) -> str:
   text = ml_collections.ConfigDict(dict(t5=args.t5, spiece=args.spiece, lowercase=args.lowercase, batch_size=8))
   settings = synthetic_pixart.PixArtSynthesisSettings(
       per_prompt=args.per_prompt, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
-      shard_size=args.shard_size, scale=args.scale, vae=args.vae_id)
+      shard_size=args.shard_size, scale=args.scale, vae=args.vae_id, negative_prompt=args.negative_prompt)
   return synthetic_pixart.synthesize_from_files(args.teacher, args.prompts, text, args.out, settings,
                                                 args.embeddings)
 

@@ -18,11 +18,13 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from graft_jax.data.latents import DataError, ShardWriter, reuse_cache, tree_digest
 from graft_jax.data.synthetic import sampling_mesh
 from graft_jax.models.vae import SDXL_SCALING_FACTOR
-from graft_jax.samplers.pixart import SIGMA_CFG, SIGMA_STEPS, make_pixart_sampler, sample_latents
+from graft_jax.samplers.pixart import (SIGMA_CFG, SIGMA_STEPS, choose_negative_prompt, make_pixart_sampler,
+                                       sample_latents)
 
 KIND = "synthetic_pixart"
 VAE_DOWNSAMPLING = 8  # PixArt-Sigma's latents come from the SDXL VAE
@@ -38,6 +40,7 @@ class PixArtSynthesisSettings:
   shard_size: int = 1024
   scale: float = SDXL_SCALING_FACTOR  # the teacher's latent scaling, recorded so the latents can be decoded
   vae: str | None = None  # identity of the teacher's VAE, when known
+  negative_prompt: str | None = None  # guidance against this prompt's encoding; None: the learned null caption
 
 
 def used_length(mask: np.ndarray) -> int:
@@ -56,10 +59,13 @@ def text_digest(caption: np.ndarray, mask: np.ndarray) -> str:
 
 def synthesize_pixart(model, params: Any, caption: np.ndarray, mask: np.ndarray, prompts: Sequence[str],
                       out: str | os.PathLike, settings: PixArtSynthesisSettings, sources: dict | None = None,
-                      mesh=None) -> pathlib.Path:
+                      mesh=None, negative: tuple[np.ndarray, np.ndarray] | None = None) -> pathlib.Path:
   """Samples `per_prompt` latents for every row of (caption, mask) (the embeddings of `prompts`) into the cache
   `out`. Rows run prompt 0 `per_prompt` times, then prompt 1, ...; shard i is sampled with fold_in(key(seed), i),
-  so an interrupted run continues at its first missing shard and gives the same set."""
+  so an interrupted run continues at its first missing shard and gives the same set. `negative`: the encoding of
+  settings.negative_prompt (see samplers.pixart.make_pixart_sampler)."""
+  if (negative is None) != (settings.negative_prompt is None):
+    raise ValueError("a negative prompt and its encoding come together (settings.negative_prompt, negative).")
   if settings.per_prompt < 1 or settings.steps < 1:
     raise DataError(f"per_prompt ({settings.per_prompt}) and steps ({settings.steps}) must be at least 1.")
   if len(caption) != len(prompts) or len(mask) != len(prompts):
@@ -76,7 +82,7 @@ def synthesize_pixart(model, params: Any, caption: np.ndarray, mask: np.ndarray,
   key = jax.random.key(settings.seed)
   return writer.fill(meta, rows, settings.shard_size,
                      lambda index, y: sample_latents(run, params, caption[y], mask[y], jax.random.fold_in(key, index),
-                                                     settings.batch_size, mesh),
+                                                     settings.batch_size, mesh, negative=negative),
                      lambda start, y: [f"{settings.seed}-{start + i}-prompt{p}" for i, p in enumerate(y)],
                      lambda y: {"caption": caption[y].astype(np.float16), "mask": mask[y]})
 
@@ -110,6 +116,15 @@ def synthesize_from_files(teacher_dir: str | os.PathLike, prompt_file: str | os.
     raise DataError(f"{teacher_dir} holds a {type(model).__name__}, not a PixArt model.")
   caption, mask = prompt_files.embed_prompts(text, prompt_list, model.config.caption_length,
                                              model.config.caption_channels, embeddings)
+  negative_prompt, note = choose_negative_prompt(params, settings.negative_prompt, bool(text.t5))
+  if note:
+    logging.info("synthesize-pixart: %s", note)
+  negative = None
+  if negative_prompt is not None:
+    neg_caption, neg_mask = prompt_files.embed_prompts(text, [negative_prompt], model.config.caption_length,
+                                                       model.config.caption_channels)
+    negative = (neg_caption[0], neg_mask[0])
+  settings = dataclasses.replace(settings, negative_prompt=negative_prompt)
   sources = {"teacher": str(pathlib.Path(teacher_dir).absolute()), "prompts": str(pathlib.Path(prompt_file).absolute()),
              "text": prompt_files.describe(text, embeddings)}
-  return synthesize_pixart(model, params, caption, mask, prompt_list, out, settings, sources)
+  return synthesize_pixart(model, params, caption, mask, prompt_list, out, settings, sources, negative=negative)

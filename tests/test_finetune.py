@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config
+from graft_jax.operators.init import FusedDense
 from graft_jax.train import finetune, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
 from graft_jax.train.metrics import NonFiniteError
@@ -291,8 +292,12 @@ def lora_interceptor(factors, scale):
   def intercept(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     key = tuple(context.module.path) + ("kernel",)
-    if isinstance(context.module, nn.Dense) and context.method_name == "__call__" and key + ("a",) in factors:
-      out = out + scale * (args[0] @ factors[key + ("a",)]) @ factors[key + ("b",)]
+    if context.method_name == "__call__" and key + ("a",) in factors:
+      delta = scale * (args[0] @ factors[key + ("a",)]) @ factors[key + ("b",)]
+      if isinstance(context.module, FusedDense):  # a fused qkv returns its parts
+        return [part + d for part, d in zip(out, jnp.split(delta, context.module.parts, -1))]
+      assert isinstance(context.module, nn.Dense)
+      out = out + delta
     return out
   return intercept
 

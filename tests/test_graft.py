@@ -141,3 +141,33 @@ def test_losses():
   assert float(distill.site_loss(p, q, "l1")) == 2.0
   assert float(distill.site_loss(p, q, "l2")) == 5.0
   assert float(distill.site_loss(p, q, "huber", 1.0)) == pytest.approx((0.5 + 2.5) / 2)
+
+
+def _dot_dtypes(jaxpr, found):
+  """Operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it, keyed by the lhs's rank."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append((eqn.invars[0].aval.ndim, str(eqn.invars[0].aval.dtype)))
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", value)
+      if hasattr(inner, "eqns"):
+        _dot_dtypes(inner, found)
+  return found
+
+
+def test_bf16_stage1_runs_teacher_and_scions_in_bf16():
+  """The noised batch comes back in the compute dtype: float32 diffusion coefficients once promoted z_t, and with it
+  the teacher's forward and every scion, to float32 (half speed on a GPU)."""
+  teacher, params = tiny_teacher()
+  edits = graft.parse_plan([dict(site="attn", layers="odd", operator="mha", config=dict(num_heads=2))], teacher)
+  student, student_params = graft.graft(teacher, params, edits, jax.random.key(3))
+  config = distill_config(1, compute_dtype="bfloat16")
+  sites = graft.sites(edits)
+  loss_fn = distill.make_loss_fn(DiT(teacher), student, sites, config)
+  bf16 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), tree)
+  batch = {"x": jnp.zeros((2, 8, 8, 4), jnp.bfloat16), "y": jnp.zeros((2,), jnp.int32)}
+  # The forward pass: the backward of XLA's attention keeps its probabilities in float32 on purpose.
+  loss = lambda p: loss_fn(bf16(p), bf16(params), batch, jax.random.key(0))[0]
+  dots = _dot_dtypes(jax.make_jaxpr(loss)(distill.scion_params(student_params, sites)).jaxpr, [])
+  token_dots = {dtype for ndim, dtype in dots if ndim >= 3}  # (B, N, D) operands; the (B, D) embedders may differ
+  assert len(dots) > 20 and token_dots == {"bfloat16"}, token_dots

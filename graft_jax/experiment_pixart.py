@@ -51,7 +51,8 @@ def pixart_experiment(operator: str, op_config: dict | None, arg: str | None) ->
   placeholder = ml_collections.config_dict.placeholder
   # negative_prompt unset: guidance against the learned null caption, or "" for weights without one (diffusers').
   c.synthesize = ml_collections.ConfigDict(dict(per_prompt=1, steps=20, cfg_scale=4.5, seed=0, batch_size=8,
-                                                shard_size=512, negative_prompt=placeholder(str)))
+                                                shard_size=512, negative_prompt=placeholder(str),
+                                                compute_dtype="bfloat16"))
   c.stages = ("synthesize", "distill", "finetune", "sample")
   c.distill = distill.default_config()  # AdamW 1e-4, batch 64, 200 epochs; L1 on attention outputs
   c.finetune = finetune.default_config()
@@ -59,7 +60,8 @@ def pixart_experiment(operator: str, op_config: dict | None, arg: str | None) ->
   c.finetune.update(dict(lora_rank=64, lora_targets=PIXART_LORA_TARGETS, steps=10_000, batch_size=64, lr=1e-4,
                          warmup_steps=500, ema_decay=0.999))
   c.sample = ml_collections.ConfigDict(dict(prompts=str(SAMPLE_PROMPTS), embeddings="", per_prompt=1, steps=20,
-                                            cfg_scale=4.5, batch_size=4, seed=0, negative_prompt=placeholder(str)))
+                                            cfg_scale=4.5, batch_size=4, seed=0, negative_prompt=placeholder(str),
+                                            compute_dtype="bfloat16"))
   c.distributed = ml_collections.ConfigDict(dict(auto=False, coordinator_address=placeholder(str),
                                                  num_processes=placeholder(int), process_id=placeholder(int)))
   return shrink(c) if args.get("shrink", "0") not in ("0", "") else c

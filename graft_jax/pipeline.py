@@ -23,7 +23,7 @@ from graft_jax import checkpoints, graft, hosts
 from graft_jax.data.arrays import host_iterator
 from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.models import DiT, dit_config, init_params
-from graft_jax.models.config import PixArtConfig, pixart_config
+from graft_jax.models.config import COMPUTE_DTYPES, PixArtConfig, pixart_config
 from graft_jax.models.pixart import PixArt, init_params as pixart_init_params
 from graft_jax.sample import generate, make_sampler, sample_labels, save_npz, shard_over
 from graft_jax.train import conditioning, distill, finetune, partition
@@ -178,7 +178,8 @@ def sample_images(model, params, s, progress_name: str = "sample"):
   labels = sample_labels(model.config.num_classes, s.per_class)
   mesh = partition.make_mesh({"data": -1}, jax.local_devices())
   batch_size = -(-s.batch_size // mesh.size) * mesh.size  # a whole number of rows per device; padding is dropped
-  run, params = shard_over(make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels), params, mesh)
+  run, params = shard_over(make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels,
+                                                compute_dtype=s.get("compute_dtype", "float32")), params, mesh)
   start = time.time()
 
   def progress(done, total):
@@ -218,6 +219,10 @@ def run(config, workdir) -> None:
   unknown = [s for s in config.stages if s not in stages]
   if unknown:
     raise UserError(f"unknown stage(s) {unknown}; known stages are {sorted(stages)}.")
+  for name in ("sample", "synthesize"):
+    dtype = (config.get(name) or {}).get("compute_dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+      raise UserError(f"{name}.compute_dtype {dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}.")
   # With several processes only process 0 writes files (see graft_jax.hosts); all of them run every stage.
   writer = hosts.is_writer()
   if config.graft:  # a bad plan or a missing teacher fails here, before any weight is loaded or step taken

@@ -90,7 +90,7 @@ def stage_synthesize(config, workdir: pathlib.Path) -> dict:
   settings = synthetic_pixart.PixArtSynthesisSettings(
       per_prompt=s.per_prompt, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed, batch_size=s.batch_size,
       shard_size=s.shard_size, scale=config.vae.scale,  # latents in the teacher's own space: no VAE identity
-      negative_prompt=negative_prompt)
+      negative_prompt=negative_prompt, compute_dtype=s.get("compute_dtype", "bfloat16"))
   out = pipeline.data_path(config, "synthetic", workdir)
   sources = {"teacher": config.model.checkpoint or "fresh",
              "prompts": str(pathlib.Path(config.data.prompts).absolute()),
@@ -115,7 +115,7 @@ def sample(config, workdir: pathlib.Path, model, params) -> dict:
   rows = np.repeat(np.arange(len(prompt_list)), int(s.get("per_prompt", 1)))
   mesh = partition.make_mesh({"data": -1}, jax.local_devices())
   batch_size = -(-s.batch_size // mesh.size) * mesh.size  # a whole number of rows per device; padding is dropped
-  run = make_pixart_sampler(model, s.steps, s.cfg_scale)
+  run = make_pixart_sampler(model, s.steps, s.cfg_scale, compute_dtype=s.get("compute_dtype", "bfloat16"))
   start = time.time()
 
   def progress(done, total):

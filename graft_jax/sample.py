@@ -4,20 +4,31 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.diffusion import cfg_model_fn, make_diffusion
 from graft_jax.files import write_atomic
 from graft_jax.train import partition
+from graft_jax.train.state import cast_floating
 
 
 def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
   return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
+def at_compute_dtype(apply_fn, params, dtype):
+  """apply_fn(params, x, *rest) as fn(x, *rest) with the weights and x in `dtype` (floating leaves of the rest too),
+  returning float32 for the sampler's own arithmetic, which stays float32."""
+  dtype = jnp.dtype(dtype)
+  params = cast_floating(params, dtype)
+  return lambda x, *rest: apply_fn(params, x.astype(dtype), *cast_floating(rest, dtype)).astype(jnp.float32)
+
+
 def make_sampler(model, sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 1.5,
-                 guided_channels: int | None = 3, eta: float = 0.0):
-  """A jitted fn(params, labels, key) -> samples (NHWC), sampling `steps` respaced steps ("ddpm") or DDIM steps."""
+                 guided_channels: int | None = 3, eta: float = 0.0, compute_dtype: str = "float32"):
+  """A jitted fn(params, labels, key) -> samples (NHWC), sampling `steps` respaced steps ("ddpm") or DDIM steps;
+  the model runs in `compute_dtype` (float32 by default, what DiT's FID numbers were sampled with)."""
   cfg = model.config
   diffusion = make_diffusion(1000, f"ddim{steps}" if sampler == "ddim" else steps,
                              "learned_range" if cfg.learn_sigma else "fixed_small")
@@ -25,7 +36,7 @@ def make_sampler(model, sampler: str = "ddpm", steps: int = 250, cfg_scale: floa
 
   @jax.jit
   def run(params, labels, key):
-    apply_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    apply_fn = at_compute_dtype(lambda p, x, t, y: model.apply({"params": p}, x, t, y), params, compute_dtype)
     model_fn = cfg_model_fn(apply_fn, labels, cfg_scale, cfg.num_classes, guided_channels)
     shape = (labels.shape[0], *shape_hw)
     if sampler == "ddim":

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import dot_dtypes
 
 from graft_jax import graft
 from graft_jax.data.arrays import ArrayIterator
@@ -143,18 +144,6 @@ def test_losses():
   assert float(distill.site_loss(p, q, "huber", 1.0)) == pytest.approx((0.5 + 2.5) / 2)
 
 
-def _dot_dtypes(jaxpr, found):
-  """Operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it, keyed by the lhs's rank."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      found.append((eqn.invars[0].aval.ndim, str(eqn.invars[0].aval.dtype)))
-    for value in eqn.params.values():
-      inner = getattr(value, "jaxpr", value)
-      if hasattr(inner, "eqns"):
-        _dot_dtypes(inner, found)
-  return found
-
-
 def test_bf16_stage1_runs_teacher_and_scions_in_bf16():
   """The noised batch comes back in the compute dtype: float32 diffusion coefficients once promoted z_t, and with it
   the teacher's forward and every scion, to float32 (half speed on a GPU)."""
@@ -168,6 +157,6 @@ def test_bf16_stage1_runs_teacher_and_scions_in_bf16():
   batch = {"x": jnp.zeros((2, 8, 8, 4), jnp.bfloat16), "y": jnp.zeros((2,), jnp.int32)}
   # The forward pass: the backward of XLA's attention keeps its probabilities in float32 on purpose.
   loss = lambda p: loss_fn(bf16(p), bf16(params), batch, jax.random.key(0))[0]
-  dots = _dot_dtypes(jax.make_jaxpr(loss)(distill.scion_params(student_params, sites)).jaxpr, [])
+  dots = dot_dtypes(jax.make_jaxpr(loss)(distill.scion_params(student_params, sites)))
   token_dots = {dtype for ndim, dtype in dots if ndim >= 3}  # (B, N, D) operands; the (B, D) embedders may differ
   assert len(dots) > 20 and token_dots == {"bfloat16"}, token_dots

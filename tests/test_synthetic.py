@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import dot_dtypes
 
 from graft_jax import checkpoints
 from graft_jax.data import cli, latents, synthetic
@@ -77,3 +78,16 @@ def test_synthesize_refuses_bad_input(tmp_path, teacher, capsys):
   errors = capsys.readouterr().err.strip().splitlines()
   assert len(errors) == 2 and "convert a checkpoint first" in errors[0] and "--per-class" in errors[1]
   assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_compute_dtype(teacher):
+  """bf16 sampling runs the model in bf16 (its matmuls) and lands near the float32 samples; the sampler's own
+  arithmetic stays float32."""
+  model, params = teacher
+  labels, key = sample_labels(10, 1)[:8], jax.random.key(2)
+  f32 = make_sampler(model, "ddim", 3, 4.0)
+  bf16 = make_sampler(model, "ddim", 3, 4.0, compute_dtype="bfloat16")
+  token_dots = {dtype for ndim, dtype in dot_dtypes(jax.make_jaxpr(bf16)(params, labels, key)) if ndim >= 3}
+  assert token_dots == {"bfloat16"}, token_dots
+  a, b = np.asarray(f32(params, labels, key)), np.asarray(bf16(params, labels, key))
+  assert b.dtype == np.float32 and np.max(np.abs(a - b)) / np.max(np.abs(a)) < 0.05

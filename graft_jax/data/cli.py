@@ -18,6 +18,7 @@ import sys
 from absl import logging
 
 from graft_jax.data.latents import DataError, read_metadata
+from graft_jax.models.config import COMPUTE_DTYPES
 from graft_jax.models.vae import SD_SCALING_FACTOR, SDXL_SCALING_FACTOR
 
 
@@ -55,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
   synth.add_argument("--steps", type=int, default=50)
   synth.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
   synth.add_argument("--eta", type=float, default=0.0, help="DDIM noise")
+  synth.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES,
+                     help="the teacher's compute dtype (bfloat16: faster)")
   synth.add_argument("--vae-id", help="identity of the teacher's VAE to record (from an encoded cache's metadata)")
   pixart = commands.add_parser("synthesize-pixart", help="PixArt teacher samples for a prompt file -> latents with "
                                "caption embeddings")
@@ -68,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
   pixart.add_argument("--per-prompt", type=int, default=1, help="samples of every prompt")
   pixart.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
   pixart.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
+  pixart.add_argument("--compute-dtype", default="bfloat16", choices=COMPUTE_DTYPES,
+                      help="the teacher's compute dtype")
   pixart.add_argument("--negative-prompt", help="guide against this prompt's T5 encoding (needs --t5) instead of the "
                       "learned null caption; weights without one (diffusers') use \"\" by default")
   pixart.add_argument("--seed", type=int, default=0, help="sampling noise")
@@ -96,7 +101,8 @@ def _synthesize(args) -> str:
     raise DataError("synthesize needs --per-class, the number of samples of every class.")
   settings = synthetic.SynthesisSettings(
       per_class=args.per_class, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, eta=args.eta,
-      seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size, scale=args.scale, vae=args.vae_id)
+      seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size, scale=args.scale, vae=args.vae_id,
+      compute_dtype=args.compute_dtype)
   return synthetic.synthesize_from_checkpoint(args.teacher, args.out, settings)
 
 
@@ -107,7 +113,8 @@ def _synthesize_pixart(args) -> str:
   text = ml_collections.ConfigDict(dict(t5=args.t5, spiece=args.spiece, lowercase=args.lowercase, batch_size=8))
   settings = synthetic_pixart.PixArtSynthesisSettings(
       per_prompt=args.per_prompt, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, batch_size=args.batch_size,
-      shard_size=args.shard_size, scale=args.scale, vae=args.vae_id, negative_prompt=args.negative_prompt)
+      shard_size=args.shard_size, scale=args.scale, vae=args.vae_id, negative_prompt=args.negative_prompt,
+      compute_dtype=args.compute_dtype)
   return synthetic_pixart.synthesize_from_files(args.teacher, args.prompts, text, args.out, settings,
                                                 args.embeddings)
 

@@ -36,6 +36,7 @@ class SynthesisSettings:
   shard_size: int = 4096
   scale: float = SD_SCALING_FACTOR  # the teacher's latent scaling, recorded so the latents can be decoded
   vae: str | None = None  # identity of the teacher's VAE, when known (None: the teacher's own latent space)
+  compute_dtype: str = "float32"  # the teacher's; the sampler's own arithmetic is float32 either way
 
 
 def synthesize(model, params: Any, out: str | os.PathLike, settings: SynthesisSettings,
@@ -57,7 +58,7 @@ def synthesize(model, params: Any, out: str | os.PathLike, settings: SynthesisSe
     return pathlib.Path(out).absolute()
   writer = ShardWriter(out, meta)
   run = make_sampler(model, settings.sampler, settings.steps, settings.cfg_scale, settings.guided_channels,
-                     settings.eta)
+                     settings.eta, settings.compute_dtype)
   sharded_run, params = shard_over(run, params, mesh)
   key = jax.random.key(settings.seed)
   return writer.fill(meta, labels, settings.shard_size,

@@ -41,6 +41,7 @@ class PixArtSynthesisSettings:
   scale: float = SDXL_SCALING_FACTOR  # the teacher's latent scaling, recorded so the latents can be decoded
   vae: str | None = None  # identity of the teacher's VAE, when known
   negative_prompt: str | None = None  # guidance against this prompt's encoding; None: the learned null caption
+  compute_dtype: str = "bfloat16"  # the teacher's, as PixArt's half-precision inference
 
 
 def used_length(mask: np.ndarray) -> int:
@@ -78,7 +79,7 @@ def synthesize_pixart(model, params: Any, caption: np.ndarray, mask: np.ndarray,
     return pathlib.Path(out).absolute()
   rows = np.repeat(np.arange(len(prompts), dtype=np.int32), settings.per_prompt)
   writer = ShardWriter(out, meta)
-  run = make_pixart_sampler(model, settings.steps, settings.cfg_scale)
+  run = make_pixart_sampler(model, settings.steps, settings.cfg_scale, compute_dtype=settings.compute_dtype)
   key = jax.random.key(settings.seed)
   return writer.fill(meta, rows, settings.shard_size,
                      lambda index, y: sample_latents(run, params, caption[y], mask[y], jax.random.fold_in(key, index),

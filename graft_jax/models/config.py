@@ -82,6 +82,9 @@ Layer = LayerSpec | ParallelPairSpec
 # as norms, modulation and GELU is recomputed, attention too), or only its input (full).
 REMAT = ("none", "dots", "full")
 
+# What a model may compute in (parameters stay float32 wherever they train).
+COMPUTE_DTYPES = ("bfloat16", "float32")
+
 
 def layer_from_json(d: Mapping[str, Any]) -> Layer:
   """A plain block's JSON has no "kind" (the format older exports use); a pair's says "parallel_pair"."""

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax.sample import generate, shard_over
+from graft_jax.sample import at_compute_dtype, generate, shard_over
 from graft_jax.samplers.dpm_solver import cfg_model_fn, make_dpm_solver
 from graft_jax.train import partition
 from graft_jax.train.conditioning import pad_caption
@@ -44,17 +44,21 @@ def choose_negative_prompt(params, requested: str | None, can_encode: bool) -> t
                 ".pth, or give a T5 encoder.")
 
 
-def make_pixart_sampler(model, steps: int = SIGMA_STEPS, cfg_scale: float = SIGMA_CFG, order: int = 2) -> Callable:
+def make_pixart_sampler(model, steps: int = SIGMA_STEPS, cfg_scale: float = SIGMA_CFG, order: int = 2,
+                        compute_dtype: str = "bfloat16") -> Callable:
   """A jitted fn(params, caption (B, L, C), mask (B, L), key, negative=None) -> latents (B, H, W, C) at the model's
   input size. `negative`, one (caption (L', C), mask (L',)), is the unconditional half's caption for every row instead
-  of the learned null caption."""
+  of the learned null caption. The model runs in `compute_dtype` (bf16 by default, as PixArt's half-precision
+  inference; the solver's arithmetic stays float32)."""
   solver = make_dpm_solver(steps, order)
   cfg = model.config
 
   @jax.jit
   def run(params, caption, mask, key, negative=None):
     caption, mask = pad_caption(caption, mask, cfg.caption_length)
-    apply_fn = lambda x, t, c: model.apply({"params": params}, x, t, c["caption"], c["mask"], drop=c["drop"])
+    apply_fn = at_compute_dtype(
+        lambda p, x, t, c: model.apply({"params": p}, x, t, c["caption"], c["mask"], drop=c["drop"]), params,
+        compute_dtype)
     b = caption.shape[0]
     cond = {"caption": caption, "mask": mask, "drop": jnp.zeros((b,), bool)}
     if negative is None:

@@ -20,6 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from graft_jax.diffusion import Diffusion, ModelFn, make_diffusion
+from graft_jax.models.config import COMPUTE_DTYPES
 from graft_jax.train import conditioning, partition
 from graft_jax.train.checkpoint import Checkpointer
 from graft_jax.train.metrics import DataSource, Reporter, train_loop
@@ -28,7 +29,6 @@ from graft_jax.train.state import (State, apply_gradients, cast_floating, create
                                    trainable)
 
 LOSSES = ("diffusion", "teacher", "diffusion+teacher")
-COMPUTE_DTYPES = ("bfloat16", "float32")
 
 
 def default_config() -> ml_collections.ConfigDict:

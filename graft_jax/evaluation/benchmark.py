@@ -25,6 +25,7 @@ from graft_jax import checkpoints, graft, hosts, pipeline
 from graft_jax.diffusion import cfg_model_fn, make_diffusion
 from graft_jax.files import write_atomic
 from graft_jax.models import DiT
+from graft_jax.sample import at_compute_dtype
 from graft_jax.timing import median_ms
 from graft_jax.train.state import cast_floating
 
@@ -88,7 +89,7 @@ def measure(model, params, config) -> dict:
   diffusion = make_diffusion(1000, f"ddim{b.sample_steps}", "learned_range" if cfg.learn_sigma else "fixed_small")
 
   def ddim_step(p, x, y):
-    apply = lambda x, t, y: model.apply({"params": p}, x.astype(dtype), t, y).astype(jnp.float32)
+    apply = at_compute_dtype(lambda q, x, t, y: model.apply({"params": q}, x, t, y), p, dtype)
     model_fn = cfg_model_fn(apply, y, s.cfg_scale, cfg.num_classes, s.guided_channels)
     t = jnp.full((x.shape[0],), b.sample_steps // 2, jnp.int32)  # any step costs the same; the middle one
     return diffusion.ddim_sample(model_fn, x, t, jnp.zeros_like(x))

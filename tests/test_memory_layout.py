@@ -1,12 +1,15 @@
-"""Choices made for memory and layout, not maths: the fused qkv Linear applied as three matmuls equals one Dense,
-and remat policies give the gradients of no remat."""
+"""Choices made for memory, layout and precision, not maths: the fused qkv Linear applied as three matmuls equals
+one Dense, remat policies give the gradients of no remat, and bf16 operators keep their backward matmuls in bf16."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import dot_dtypes
 
+from graft_jax import operators
 from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.operators import init
+from graft_jax.operators.matmul import einsum_f32
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -36,3 +39,24 @@ def test_remat_keeps_gradients(remat):
 def test_unknown_remat_is_one_sentence():
   with pytest.raises(ValueError, match="model remat 'some' is not one of none, dots, full"):
     dit_config("DiT-S/2", remat="some")
+
+
+@pytest.mark.parametrize("name", sorted(set(operators.names()) - {"mha", "mha_kv_compress"}))
+def test_bf16_operators_run_every_matmul_in_bf16(name):
+  """Forward and backward: float32 cotangents must not push the backward's matmuls to float32 (MHA is left out:
+  off GPU it is XLA's attention, whose backward keeps float32 probabilities; on GPU it is cuDNN's)."""
+  options = {"num_heads": 4} if "num_heads" in operators.get(name).config() else {}
+  module = operators.build(name, 64, **options)
+  x = jnp.ones((2, 16, 64), jnp.bfloat16)
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), module.init(jax.random.key(0), x.astype(jnp.float32)))
+  grad = lambda p, x: jax.grad(lambda p, x: jnp.sum(module.apply(p, x).astype(jnp.float32)), (0, 1))(p, x)
+  assert {dtype for _, dtype in dot_dtypes(jax.make_jaxpr(grad)(params, x))} == {"bfloat16"}
+
+
+def test_einsum_f32_gradients_match_in_float32():
+  a, b = jax.random.normal(jax.random.key(0), (3, 4, 5)), jax.random.normal(jax.random.key(1), (3, 5, 6))
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+  ours = jax.grad(loss(lambda a, b: einsum_f32("bij,bjk->bik", a, b)), (0, 1))(a, b)
+  plain = jax.grad(loss(lambda a, b: jnp.einsum("bij,bjk->bik", a, b)), (0, 1))(a, b)
+  for got, want in zip(ours, plain):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

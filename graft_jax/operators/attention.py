@@ -8,6 +8,7 @@ import numpy as np
 
 from graft_jax.operators import init
 from graft_jax.operators.kernels.splash import splash_band_attention
+from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
 
 
@@ -131,14 +132,14 @@ def tiled_band_attention(q, k, v, window: int, tile: int = 16):
     xt = heads_first(x, w).reshape(b, h, nt + 1, t, d)
     return jnp.concatenate([xt[:, :, :-1], xt[:, :, 1:, :2 * w]], axis=3)
   qt = heads_first(q, 0)[:, :, :nt * t].reshape(b, h, nt, t, d)
-  logits = jnp.einsum("bhtqd,bhtkd->bhtqk", qt, halo_tiles(k), preferred_element_type=jnp.float32) / np.sqrt(d)
+  logits = einsum_f32("bhtqd,bhtkd->bhtqk", qt, halo_tiles(k)) / np.sqrt(d)
   rel = jnp.arange(t + 2 * w) - w  # key position relative to the tile start
   key_pos = jnp.arange(nt)[:, None] * t + rel
   valid = (jnp.abs(rel - jnp.arange(t)[:, None]) <= w) & ((key_pos >= 0) & (key_pos < n))[:, None, :]
   # Finite: padding queries past the end may see no key, and -inf there would put NaNs into dk and dv.
   logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhtqk,bhtkd->bhtqd", probs, halo_tiles(v), preferred_element_type=jnp.float32)
+  out = einsum_f32("bhtqk,bhtkd->bhtqd", probs, halo_tiles(v))
   return jnp.swapaxes(out.reshape(b, h, nt * t, d)[:, :, :n], 1, 2).astype(q.dtype)
 
 

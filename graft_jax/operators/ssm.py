@@ -14,6 +14,7 @@ import numpy as np
 
 from graft_jax.operators import init
 from graft_jax.operators.hyena import CausalConv
+from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
 
 _F32 = jnp.float32
@@ -68,12 +69,12 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64):
 
   The tail is padded with dt = 0 (decay 1, no input), so padded steps are identities and never reach real outputs.
   Decays, cumulative sums and the scan across chunks are float32; the four matmuls take their operands in x's dtype
-  and accumulate in float32 (as mamba_ssm's kernels do), so bfloat16 inputs halve the traffic of the (l, m) mixing
-  tensors, which dominate at short lengths.
+  and accumulate in float32 (as mamba_ssm's kernels do; in the backward too, see operators.matmul), so bfloat16
+  inputs halve the traffic of the (l, m) mixing tensors, which dominate at short lengths.
   """
   b, n, h, p = x.shape
   dtype = x.dtype
-  mm = lambda spec, u, v: jnp.einsum(spec, u.astype(dtype), v.astype(dtype), preferred_element_type=_F32)
+  mm = lambda spec, u, v: einsum_f32(spec, u.astype(dtype), v.astype(dtype))
   size = min(chunk_size, n)
   pad = -n % size
   x, dt, B, C = (jnp.pad(t.astype(_F32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,17 +51,11 @@ def train_runner(config, model, params, mesh, batch):
 
 
 def train_step_ms(run, iters: int = 10) -> float:
-  """Median ms of `run` (a train_runner), after compile and two warm-up steps."""
-  for _ in range(3):
-    run()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    loss = run()
-    times.append(time.perf_counter() - start)
-  if not np.isfinite(float(loss)):
+  """Median ms of `run` (a train_runner), after compile and two warm-up steps; then one more step must be finite."""
+  ms = median_ms(run, warmup=3, iters=iters)
+  if not np.isfinite(float(run())):
     raise RuntimeError("the benchmarked train step produced a non-finite loss")
-  return float(np.median(times) * 1e3)
+  return ms
 
 
 def forward_runner(model, params, batch):

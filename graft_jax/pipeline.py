@@ -178,8 +178,9 @@ def sample_images(model, params, s, progress_name: str = "sample"):
   labels = sample_labels(model.config.num_classes, s.per_class)
   mesh = partition.make_mesh({"data": -1}, jax.local_devices())
   batch_size = -(-s.batch_size // mesh.size) * mesh.size  # a whole number of rows per device; padding is dropped
-  run, params = shard_over(make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels,
-                                                compute_dtype=s.get("compute_dtype", "float32")), params, mesh)
+  sampler = make_sampler(model, s.sampler, s.steps, s.cfg_scale, s.guided_channels,
+                         compute_dtype=s.get("compute_dtype", "float32"))
+  run, params = shard_over(sampler, params, mesh)
   start = time.time()
 
   def progress(done, total):

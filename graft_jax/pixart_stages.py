@@ -19,7 +19,7 @@ from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.data.latents import DataError, read_metadata
 from graft_jax.files import write_atomic
 from graft_jax.models.pixart import PixArt
-from graft_jax.samplers.pixart import choose_negative_prompt, make_pixart_sampler, sample_latents
+from graft_jax.samplers.pixart import make_pixart_sampler, sample_latents
 from graft_jax.train import partition
 
 LATENTS = "samples_latents.npz"
@@ -53,19 +53,16 @@ def _teacher(config):
 
 
 def negative_caption(config, block, params, model_config, stage: str) -> tuple[str | None, tuple | None]:
-  """(negative prompt, its (caption, mask)) for guidance, or (None, None) for the learned null caption; the choice
-  is samplers.pixart.choose_negative_prompt's, from `block.negative_prompt`."""
-  text, note = choose_negative_prompt(params, block.get("negative_prompt"), bool(config.text.t5))
-  if note:
-    print(f"{stage}: {note}", flush=True)
-  if text is None:
-    return None, None
+  """(negative prompt, its (caption, mask)) for guidance, or (None, None) for the learned null caption, from
+  `block.negative_prompt` (see graft_jax.prompts.encode_negative)."""
   try:
-    caption, mask = prompts.embed_prompts(config.text, [text], model_config.caption_length,
-                                          model_config.caption_channels)
+    text, negative, note = prompts.encode_negative(config.text, params, block.get("negative_prompt"),
+                                                   model_config.caption_length, model_config.caption_channels)
   except DataError as e:
     raise pipeline.UserError(f"the negative prompt cannot be encoded: {e}") from None
-  return text, (caption[0], mask[0])
+  if note:
+    print(f"{stage}: {note}", flush=True)
+  return text, negative
 
 
 def embed(config, prompt_file: str, embeddings: str, model_config, what: str):

@@ -90,6 +90,19 @@ def embed_prompts(text: Any, prompts: Sequence[str], length: int, channels: int,
   return emb, mask
 
 
+def encode_negative(text: Any, params: Any, requested: str | None, length: int,
+                    channels: int) -> tuple[str | None, tuple[np.ndarray, np.ndarray] | None, str | None]:
+  """(negative prompt, its (caption (L, C), mask (L,)), a note for the log): the prompt
+  samplers.pixart.choose_negative_prompt picks for a PixArt model's `params`, encoded as embed_prompts does; all None
+  but the note when guidance keeps the learned null caption. A DataError when it cannot be encoded."""
+  from graft_jax.samplers.pixart import choose_negative_prompt  # jax and the model stack: only for PixArt
+  prompt, note = choose_negative_prompt(params, requested, bool(text.t5))
+  if prompt is None:
+    return None, None, note
+  caption, mask = embed_prompts(text, [prompt], length, channels)
+  return prompt, (caption[0], mask[0]), note
+
+
 def _encode_t5(text: Any, prompts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
   from graft_jax import checkpoints  # orbax: imported only when an encoder is loaded
   from graft_jax.models.t5 import T5Encoder

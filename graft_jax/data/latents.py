@@ -115,7 +115,7 @@ class ShardWriter:
             skipped: Sequence[str] = (), extra: Mapping[str, np.ndarray] | None = None) -> None:
     """Shard `index`; `extra` holds further per-row arrays (stored as given, one row per latent)."""
     extra = dict(extra or {})
-    clash = set(extra) & {"x", "y", "key", "skipped"}
+    clash = set(extra) & set(_STANDARD)
     if clash or any(len(v) != len(x) for v in extra.values()):
       raise ValueError(f"extra shard arrays must be new names with one row per latent, got {sorted(extra)}.")
     path = self.partial / shard_name(index)

@@ -23,8 +23,7 @@ from absl import logging
 from graft_jax.data.latents import DataError, ShardWriter, reuse_cache, tree_digest
 from graft_jax.data.synthetic import sampling_mesh
 from graft_jax.models.vae import SDXL_SCALING_FACTOR
-from graft_jax.samplers.pixart import (SIGMA_CFG, SIGMA_STEPS, choose_negative_prompt, make_pixart_sampler,
-                                       sample_latents)
+from graft_jax.samplers.pixart import SIGMA_CFG, SIGMA_STEPS, make_pixart_sampler, sample_latents
 
 KIND = "synthetic_pixart"
 VAE_DOWNSAMPLING = 8  # PixArt-Sigma's latents come from the SDXL VAE
@@ -117,14 +116,10 @@ def synthesize_from_files(teacher_dir: str | os.PathLike, prompt_file: str | os.
     raise DataError(f"{teacher_dir} holds a {type(model).__name__}, not a PixArt model.")
   caption, mask = prompt_files.embed_prompts(text, prompt_list, model.config.caption_length,
                                              model.config.caption_channels, embeddings)
-  negative_prompt, note = choose_negative_prompt(params, settings.negative_prompt, bool(text.t5))
+  negative_prompt, negative, note = prompt_files.encode_negative(
+      text, params, settings.negative_prompt, model.config.caption_length, model.config.caption_channels)
   if note:
     logging.info("synthesize-pixart: %s", note)
-  negative = None
-  if negative_prompt is not None:
-    neg_caption, neg_mask = prompt_files.embed_prompts(text, [negative_prompt], model.config.caption_length,
-                                                       model.config.caption_channels)
-    negative = (neg_caption[0], neg_mask[0])
   settings = dataclasses.replace(settings, negative_prompt=negative_prompt)
   sources = {"teacher": str(pathlib.Path(teacher_dir).absolute()), "prompts": str(pathlib.Path(prompt_file).absolute()),
              "text": prompt_files.describe(text, embeddings)}

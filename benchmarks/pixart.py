@@ -2,7 +2,7 @@
 teacher and its Hyena-X graft (the paper's layers) against shared/bench/torch_reference.py in the same device call
 (issue: PixArt-Sigma, point 5).
 
-python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--out benchmarks/results]
+python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--profile] [--out benchmarks/results]
 `--torch` takes the JSON lines of `torch_reference.py pixart` from the same call. Targets: our teacher at least 1.15x
 faster than PyTorch eager; the graft at least 1.6x faster than our teacher. Writes pixart.json.
 """
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import write_results
 from benchmarks.dit import torch_lines
+from benchmarks.profile import kernel_times, summary
 from graft_jax import graft
 from graft_jax.experiment_pixart import PAPER_LAYERS
 from graft_jax.models.config import pixart_config
@@ -23,14 +24,19 @@ from graft_jax.timing import median_ms
 from graft_jax.train.state import cast_floating
 
 
-def forward_ms(config, params, batch: int = 2) -> float:
-  """Median ms of one bf16 forward on a random batch (t = 500, a full 300-token caption)."""
+def forward_ms(config, params, batch: int = 2, profile: dict | None = None) -> float:
+  """Median ms of one bf16 forward on a random batch (t = 500, a full 300-token caption); with `profile`, its
+  kernel summary is stored there."""
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, config.input_size, config.input_size, config.in_channels), jnp.bfloat16)
   caption = jax.random.normal(key, (batch, config.caption_length, config.caption_channels), jnp.bfloat16)
   t = jnp.full((batch,), 500)
   run = jax.jit(lambda p, x, c: PixArt(config).apply({"params": p}, x, t, c))
-  return median_ms(run, cast_floating(params, jnp.bfloat16), x, caption, warmup=2, iters=5)
+  params = cast_floating(params, jnp.bfloat16)
+  ms = median_ms(run, params, x, caption, warmup=2, iters=5)
+  if profile is not None:
+    profile.update(summary(kernel_times(lambda: jax.block_until_ready(run(params, x, caption))), top=20))
+  return ms
 
 
 def main():
@@ -38,6 +44,7 @@ def main():
   parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py pixart in the same run")
   parser.add_argument("--image-size", type=int, default=2048)
   parser.add_argument("--depth", type=int, default=28, help="fewer layers for a smoke run (the plan is clipped)")
+  parser.add_argument("--profile", action="store_true", help="add each forward's device time by kernel")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   teacher = pixart_config(args.image_size, depth=args.depth)
@@ -46,8 +53,10 @@ def main():
   edits = graft.parse_plan([dict(site="attn", layers=layers, operator="hyena_x")], teacher)
   student, student_params = graft.graft(teacher, params, edits, jax.random.key(1))
   row = {"image_size": args.image_size, "tokens": teacher.num_tokens, "depth": args.depth, "batch": 2,
-         "grafted_layers": layers, "teacher_ms": forward_ms(teacher, params)}
-  row["graft_ms"] = forward_ms(student, student_params)
+         "grafted_layers": layers}
+  profiles = {"teacher": {}, "graft": {}} if args.profile else {}
+  row["teacher_ms"] = forward_ms(teacher, params, profile=profiles.get("teacher"))
+  row["graft_ms"] = forward_ms(student, student_params, profile=profiles.get("graft"))
   row["graft_speedup"] = row["teacher_ms"] / row["graft_ms"]
   eager = next((r for r in torch_lines(args.torch) if r["what"] == "pixart_sigma_fwd_bf16_eager"
                 and r.get("res") == args.image_size), None)
@@ -55,6 +64,8 @@ def main():
     row["torch_eager_ms"] = eager["ms"]
     row["teacher_speedup_over_torch_eager"] = eager["ms"] / row["teacher_ms"]
   row["targets"] = {"teacher_over_torch_eager": 1.15, "graft_over_teacher": 1.6}
+  if profiles:
+    row["profile"] = profiles
   print(row, flush=True)
   print(write_results("pixart", [row], {"dtype": "bfloat16"}, args.out))
 

@@ -1,6 +1,6 @@
 """Forward and forward+backward time of every operator, bf16, against cuDNN MHA in the same run (issue: operators).
 
-python benchmarks/operators.py [--out benchmarks/results]   (on a GPU)
+python benchmarks/operators.py [--only mamba2,swa] [--profile] [--out benchmarks/results]   (on a GPU)
 Shapes: (B=256, N=256, D=1152) and (B=2, N=16384, D=1152). Writes operators.json with the command, machine, date.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import write_results
+from benchmarks.profile import kernel_times, summary
 from graft_jax.operators import build
 from graft_jax.timing import median_ms
 
@@ -21,7 +22,7 @@ OPERATORS = [("mha", {"backend": "cudnn"}), ("mha", {"backend": "xla"}), ("swa",
 SHAPES = [(256, 256), (2, 16384)]
 
 
-def time_operator(name, config, batch, tokens):
+def time_operator(name, config, batch, tokens, profile: dict | None = None):
   module = build(name, D, **config)
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, tokens, D), jnp.bfloat16)
@@ -30,7 +31,10 @@ def time_operator(name, config, batch, tokens):
   forward = jax.jit(module.apply)
   loss = lambda p, x: jnp.sum(jnp.square(module.apply(p, x).astype(jnp.float32)))
   backward = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  return median_ms(forward, params, x), median_ms(backward, params, x)
+  times = median_ms(forward, params, x), median_ms(backward, params, x)
+  if profile is not None:  # where forward+backward's device time goes
+    profile.update(summary(kernel_times(lambda: jax.block_until_ready(backward(params, x))), top=12))
+  return times
 
 
 def main():
@@ -39,6 +43,7 @@ def main():
   parser.add_argument("--only", help="comma-separated operator names (cuDNN MHA, the reference, always runs)")
   parser.add_argument("--name", default="operators", help="results file name (a partial run should not overwrite "
                       "the full table)")
+  parser.add_argument("--profile", action="store_true", help="add forward+backward's device time by kernel")
   args = parser.parse_args()
   only = set(args.only.split(",")) | {"mha"} if args.only else None
   rows = []
@@ -46,15 +51,16 @@ def main():
     for name, config in OPERATORS:
       if only and name not in only:
         continue
+      profile = {} if args.profile else None
       try:
-        fwd, fwd_bwd = time_operator(name, config, batch, tokens)
+        fwd, fwd_bwd = time_operator(name, config, batch, tokens, profile)
       except Exception as e:  # a backend that cannot run this shape is reported, not fatal
         rows.append({"operator": name, "config": config, "batch": batch, "tokens": tokens,
                      "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(rows[-1], flush=True)
         continue
       rows.append({"operator": name, "config": config, "batch": batch, "tokens": tokens, "fwd_ms": fwd,
-                   "fwd_bwd_ms": fwd_bwd})
+                   "fwd_bwd_ms": fwd_bwd} | ({"profile": profile} if profile else {}))
       print(f"B={batch} N={tokens} {name} {config}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms", flush=True)
   for batch, tokens in SHAPES:
     ref = next(r for r in rows if r["batch"] == batch and r["tokens"] == tokens and r["operator"] == "mha"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from graft_jax import operators as ops
-from graft_jax.operators.attention import dense_attention_reference, neighbourhood_attention, tiled_band_attention
+from graft_jax.operators.attention import (dense_attention_reference, key_masked_attention, neighbourhood_attention,
+                                          real_keys_first, tiled_band_attention)
 
 FORMULATIONS = {
     "shift": lambda q, k, v, window: neighbourhood_attention(q, k, v, window),
@@ -54,6 +55,46 @@ def test_band_attention_matches_dense_masked_reference(formulation, n, window):
 def test_grid_attention_matches_dense_chebyshev_reference(grid, window):
   n = grid[0] * grid[1]
   _assert_matches_dense(lambda q, k, v: neighbourhood_attention(q, k, v, window, grid), _grid_mask(grid, window), n)
+
+
+# Caption padding: scattered real keys in row 0, none at all in row 1 (it then attends over every key).
+KEY_MASK = np.array([[1, 0, 1, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0]], bool)
+
+
+def _key_masked_reference(q, k, v):
+  rows = [dense_attention_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], m if m.any() else None)
+          for b, m in enumerate(KEY_MASK)]
+  return jnp.concatenate(rows)
+
+
+def _cross_inputs():
+  q, cot = jax.random.normal(jax.random.key(1), (2, 2, 9, 3, 8))
+  k, v = jax.random.normal(jax.random.key(2), (2, 2, 7, 3, 8))
+  return q, k, v, cot
+
+
+def test_key_masked_attention_matches_dense_reference():
+  q, k, v, cot = _cross_inputs()
+  got = _value_and_grads(lambda q, k, v: key_masked_attention(q, k, v, KEY_MASK, backend="xla"), q, k, v, cot)
+  want = _value_and_grads(_key_masked_reference, q, k, v, cot)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_real_keys_first_with_key_counts_is_the_masked_attention():
+  # What the cuDNN path runs (real keys packed first, per-row counts), here through XLA's key_value_seq_lengths.
+  q, k, v, cot = _cross_inputs()
+  mask = KEY_MASK | ~KEY_MASK.any(-1, keepdims=True)
+  np.testing.assert_array_equal(real_keys_first(k, v, mask)[2], [4, 7])
+
+  def packed(q, k, v):
+    kp, vp, lengths = real_keys_first(k, v, mask)
+    return jax.nn.dot_product_attention(q, kp, vp, key_value_seq_lengths=lengths, implementation="xla")
+
+  got = _value_and_grads(packed, q, k, v, cot)
+  want = _value_and_grads(_key_masked_reference, q, k, v, cot)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
 def test_grid_must_hold_the_sequence():

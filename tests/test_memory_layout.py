@@ -23,21 +23,35 @@ def test_fused_dense_equals_one_dense():
   np.testing.assert_allclose(jnp.concatenate(fused.apply(params, x), -1), whole, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["dots", "full"])
-def test_remat_keeps_gradients(remat):
+def _tiny_dit_loss():
   cfg = dit_config("DiT-S/2", depth=2, hidden_size=32, num_heads=4, input_size=8)
   params = init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape), params)
   x, t, y = jax.random.normal(jax.random.key(2), (2, 8, 8, 4)), jnp.array([3, 500]), jnp.array([1, 2])
+  return cfg, params, lambda config, p: jnp.sum(DiT(config).apply({"params": p}, x, t, y) ** 2)
 
-  def grads(config):
-    return jax.grad(lambda p: jnp.sum(DiT(config).apply({"params": p}, x, t, y) ** 2))(params)
+
+@pytest.mark.parametrize("remat", ["elementwise", "dots", "full"])
+def test_remat_keeps_gradients(remat):
+  cfg, params, loss = _tiny_dit_loss()
+  grads = lambda config: jax.grad(lambda p: loss(config, p))(params)
   for a, b in zip(jax.tree.leaves(grads(cfg.replace(remat=remat))), jax.tree.leaves(grads(cfg))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_elementwise_remat_saves_between_dots_and_none():
+  cfg, params, loss = _tiny_dit_loss()
+  # jax.vjp's backward function is a pytree whose leaves are the residuals saved for it.
+  saved = {remat: sum(r.size for r in jax.tree.leaves(jax.vjp(lambda p: loss(cfg.replace(remat=remat), p), params)[1]))
+           for remat in ("none", "elementwise", "dots")}
+  tokens, width = 2 * 16, 32  # batch 2 of a 4 x 4 patch grid
+  # Beyond the matmul outputs: each layer's attention output (width) and GELU output (4 x width).
+  assert saved["elementwise"] - saved["dots"] == cfg.depth * tokens * 5 * width
+  assert saved["none"] > 1.5 * saved["elementwise"]
+
+
 def test_unknown_remat_is_one_sentence():
-  with pytest.raises(ValueError, match="model remat 'some' is not one of none, dots, full"):
+  with pytest.raises(ValueError, match="model remat 'some' is not one of none, elementwise, dots, full"):
     dit_config("DiT-S/2", remat="some")
 
 

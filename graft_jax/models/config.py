@@ -6,6 +6,7 @@ import json
 from typing import Any, ClassVar, Mapping
 
 from graft_jax import operators
+from graft_jax.operators.remat import REMAT
 
 
 def _hashable(value):
@@ -78,9 +79,6 @@ class ParallelPairSpec:
 
 Layer = LayerSpec | ParallelPairSpec
 
-# What a layer keeps for the backward pass: everything (none), only its matmul outputs (dots: elementwise work such
-# as norms, modulation and GELU is recomputed, attention too), or only its input (full).
-REMAT = ("none", "dots", "full")
 
 # What a model may compute in (parameters stay float32 wherever they train).
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -177,7 +175,7 @@ class DiTConfig(LatentTransformerConfig):
   num_classes: int = 1000       # index num_classes is the null class (CFG, label dropout)
   learn_sigma: bool = True
   class_dropout_prob: float = 0.1
-  remat: str = "none"           # activation recomputation per layer in training: none | dots | full (REMAT)
+  remat: str = "none"           # activation recomputation per layer in training: one of REMAT
   layers: tuple[Layer, ...] = ()
 
 

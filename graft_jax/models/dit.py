@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from graft_jax.diffusion import guide
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
+from graft_jax.operators.remat import policy as remat_policy
 
 zeros = nn.initializers.zeros
 normal_002 = nn.initializers.normal(0.02)
@@ -103,8 +104,7 @@ def remat_layer(cls: type[nn.Module], remat: str) -> type[nn.Module]:
   """`cls` with activations recomputed in the backward pass as config.REMAT says (parameter names unchanged)."""
   if remat == "none":
     return cls
-  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
-  return nn.remat(cls, policy=policy)
+  return nn.remat(cls, policy=remat_policy(remat))
 
 
 def merge_init(key, shape, dtype=jnp.float32):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from graft_jax.diffusion import guide
 from graft_jax.models.config import LayerSpec, PixArtConfig
 from graft_jax.models.dit import TimestepEmbedder, norm_modulate, normal_002, operator_site, remat_layer, zeros
 from graft_jax.models.embeddings import sincos_2d, unpatchify
 from graft_jax.operators import init
-from graft_jax.operators.matmul import einsum_f32
+from graft_jax.operators.attention import key_masked_attention
 
 
 def randn_init(key, shape, dtype=jnp.float32):
@@ -51,8 +50,7 @@ class CaptionEmbedder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-  """Image tokens attend to caption tokens; padded caption tokens (mask false) get no weight. A query whose caption
-  is all padding spreads evenly over it (what diffusers' -10000 bias gives) rather than producing NaN."""
+  """Image tokens attend to caption tokens; padded caption tokens (mask false) get no weight."""
   dim: int
   num_heads: int
 
@@ -61,13 +59,7 @@ class CrossAttention(nn.Module):
     b, n, d = x.shape
     q = init.dense(d, "q_linear")(x).reshape(b, n, self.num_heads, -1)
     k, v = (u.reshape(b, y.shape[1], self.num_heads, -1) for u in init.FusedDense(d, 2, name="kv_linear")(y))
-    # Plain XLA (the logits are only (N, 300) per head), written out because jax.nn.dot_product_attention's XLA
-    # path runs its backward matmuls in float32; masked logits are finite, so an all-padding caption gives no NaN.
-    logits = einsum_f32("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    if mask is not None:
-      logits = jnp.where(mask.astype(bool)[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = einsum_f32("bhqk,bkhd->bqhd", probs, v).astype(x.dtype)
+    out = key_masked_attention(q, k, v, mask)
     return nn.Dense(d, kernel_init=zeros, name="proj")(out.reshape(b, n, d))
 
 

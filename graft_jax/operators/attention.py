@@ -10,6 +10,7 @@ from graft_jax.operators import init
 from graft_jax.operators.kernels.splash import splash_band_attention
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
+from graft_jax.operators.remat import kept
 
 
 def attention_backend(requested: str, dtype) -> str:
@@ -57,8 +58,40 @@ class MultiHeadAttention(nn.Module):
     if self.dim % self.num_heads:
       raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
     q, k, v = project_heads(x, self.num_heads)
-    y = jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(self.backend, q.dtype))
+    y = kept(jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(self.backend, q.dtype)))
     return init.dense(self.dim, "proj")(y.reshape(x.shape))
+
+
+def real_keys_first(k, v, mask):
+  """Reorders (B, S, H, d) keys and values so each row's real ones (boolean (B, S) mask) come first, and counts
+  them: cuDNN takes a padding mask only as per-row key counts, and attention does not depend on the order of its
+  keys, so this makes any mask, not only a prefix, exact there."""
+  order = jnp.argsort(~mask, axis=-1, stable=True)[:, :, None, None]
+  return jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1), mask.sum(-1, dtype=jnp.int32)
+
+
+def key_masked_attention(q, k, v, mask=None, backend: str = "auto"):
+  """Softmax attention of (B, T, H, d) queries over (B, S, H, d) keys whose (B, S) boolean `mask` marks the real
+  ones (PixArt's caption padding); a row with no real key attends over all of them, as diffusers' additive -10000
+  bias does in float32.
+
+  The XLA path is written out: jax.nn.dot_product_attention's runs its backward matmuls in float32, and einsum_f32
+  rounds the cotangent to bf16 as cuDNN does.
+  """
+  backend = attention_backend(backend, q.dtype)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = mask | ~mask.any(-1, keepdims=True)
+  if backend == "cudnn":
+    lengths = None
+    if mask is not None:
+      k, v, lengths = real_keys_first(k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+  logits = einsum_f32("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return einsum_f32("bhqk,bkhd->bqhd", probs, v).astype(q.dtype)
 
 
 def dense_attention_reference(q, k, v, mask=None):

@@ -5,6 +5,7 @@ import flax.linen as nn
 
 from graft_jax.operators import init
 from graft_jax.operators.registry import register
+from graft_jax.operators.remat import kept
 
 
 def _mlp_from_torch(t, dim, num_heads):
@@ -21,4 +22,4 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     hidden = int(round(self.dim * self.ratio))
-    return init.dense(self.dim, "fc2")(nn.gelu(init.dense(hidden, "fc1")(x), approximate=True))
+    return init.dense(self.dim, "fc2")(kept(nn.gelu(init.dense(hidden, "fc1")(x), approximate=True)))

@@ -1,0 +1,42 @@
+"""What a layer keeps for its backward pass (config `remat`, one of REMAT).
+
+- none: everything autodiff saves. In bf16 a DiT layer then keeps six tensors of 4 x width per token (fc1's
+  output, the tanh GELU's intermediates and its output) and float32 LayerNorm intermediates: the batch-256
+  DiT-XL/2 step peaks at 101 GB on an H200.
+- elementwise: matmul outputs, cuDNN attention's outputs (with its softmax statistics, so the backward kernel runs
+  without a second forward) and the results tagged `kept` (the GELU output). Norms, modulation, residual adds and
+  the GELU's derivative are recomputed inside the backward fusions that read their inputs anyway (the same step:
+  74 GB).
+- dots: matmul outputs only; attention and all elementwise work are recomputed.
+- full: only the layer's input.
+"""
+from __future__ import annotations
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+REMAT = ("none", "elementwise", "dots", "full")
+_KEPT = "kept"
+# The primitives jax.nn.dot_product_attention binds for cuDNN's forward kernel (jax/_src/cudnn). Should JAX rename
+# them, attention is recomputed in the backward pass: slower, still correct.
+_CUDNN_ATTENTION = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
+
+
+def kept(x: jax.Array) -> jax.Array:
+  """Tags x as worth saving under `elementwise` remat: an attention output (XLA's softmax attention is not a plain
+  matmul) or a tensor a matmul's backward reads whole (the GELU output, fc2's input), which recomputing would only
+  write out again."""
+  return checkpoint_name(x, _KEPT)
+
+
+def _cudnn_attention(prim, *_, **__) -> bool:
+  return prim.name in _CUDNN_ATTENTION
+
+
+def policy(remat: str):
+  """The jax.checkpoint policy of a REMAT value other than "none" (None = save nothing but the inputs)."""
+  policies = jax.checkpoint_policies
+  dots = policies.dots_with_no_batch_dims_saveable
+  elementwise = policies.save_from_both_policies(
+      policies.save_from_both_policies(dots, policies.save_only_these_names(_KEPT)), _cudnn_attention)
+  return {"elementwise": elementwise, "dots": dots, "full": None}[remat]

@@ -39,14 +39,24 @@ def is_pixart(config) -> bool:
 
 
 def teacher_config(config):
+  """The teacher's model config: the converted checkpoint's, else `model.preset` with `model.overrides`; then
+  `model.remat`, when set, since recomputation is a training choice, not part of the weights."""
   if config.model.checkpoint:
     try:
-      return checkpoints.load_config(config.model.checkpoint)
+      cfg = checkpoints.load_config(config.model.checkpoint)
     except FileNotFoundError as e:
       raise UserError(str(e)) from None
-  if is_pixart(config):
-    return pixart_config(config.model.image_size, **config.model.overrides)
-  return dit_config(config.model.preset, **config.model.overrides)
+  elif is_pixart(config):
+    cfg = pixart_config(config.model.image_size, **config.model.overrides)
+  else:
+    cfg = dit_config(config.model.preset, **config.model.overrides)
+  remat = config.model.get("remat")
+  if remat is None:
+    return cfg
+  try:
+    return cfg.replace(remat=remat)
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
 
 def build_model(model_config):
@@ -58,7 +68,7 @@ def load_teacher(config):
   """(model, params): the converted checkpoint `model.checkpoint`, or a fresh `model.preset` when it is empty."""
   cfg = teacher_config(config)  # a missing checkpoint fails here with the conversion command
   if config.model.checkpoint:
-    return checkpoints.load(config.model.checkpoint)
+    return build_model(cfg), checkpoints.load(config.model.checkpoint)[1]
   init = pixart_init_params if isinstance(cfg, PixArtConfig) else init_params
   params = init(cfg, jax.random.key(config.seed))
   noise = float(config.model.get("init_noise", 0.0))

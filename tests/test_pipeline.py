@@ -4,9 +4,11 @@ import json
 import pytest
 
 from cli import ROOT, load_config, run_main
-from graft_jax import graft
-from graft_jax.models import dit_config
-from graft_jax.pipeline import teacher_config
+import jax
+
+from graft_jax import checkpoints, graft
+from graft_jax.models import dit_config, init_params
+from graft_jax.pipeline import UserError, load_teacher, teacher_config
 
 PAPER = ["swa", "hyena_x", "hyena_y", "hyena_se", "mamba2", "mlp_r3", "mlp_r6", "mlp_hyena_x", "self_mha",
          "self_mlp"]
@@ -30,6 +32,19 @@ def test_paper_configs_build_valid_plans(name, ratio):
 def test_bad_config_argument():
   with pytest.raises(ValueError, match="ratio must be one of"):
     load("swa", "ratio=60")
+
+
+def test_model_remat_applies_to_a_converted_teacher(tmp_path):
+  assert load("swa").model.remat == "elementwise"  # the paper's batch-256 stage 2 in 80 GB
+  c = load("swa", "shrink=1")
+  saved = teacher_config(c)
+  checkpoints.save(tmp_path / "teacher", saved, init_params(saved, jax.random.key(0)))
+  c.model.checkpoint, c.model.remat = str(tmp_path / "teacher"), "dots"
+  assert teacher_config(c) == saved.replace(remat="dots")
+  assert load_teacher(c)[0].config == saved.replace(remat="dots")
+  c.model.remat = "some"
+  with pytest.raises(UserError, match="^model remat 'some' is not one of none, elementwise, dots, full.$"):
+    teacher_config(c)
 
 
 def main(*args, cwd):

@@ -14,6 +14,7 @@ import numpy as np
 
 from graft_jax.operators import init
 from graft_jax.operators.hyena import CausalConv
+from graft_jax.operators.kernels import ssd as ssd_kernel
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
 
@@ -64,7 +65,29 @@ def _entering_states(states, log_decay):
   return jnp.pad(after[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size=64):
+SSD_KERNELS = ("xla", "pallas", "auto")
+
+
+def _diagonal_xla(C, B, a, xdt):
+  """The within-chunk term: sum_{m <= l} (C_l . B_m) exp(a_l - a_m) xdt_m, through a (b, c, h, l, m) tensor."""
+  mix = einsum_f32("bcls,bcms->bclm", C, B)[:, :, None] * _decay_matrix(jnp.moveaxis(a, 3, 2))
+  return einsum_f32("bchlm,bcmhp->bclhp", mix.astype(xdt.dtype), xdt)
+
+
+def _diagonal_term(kernel: str, C, B, a, xdt):
+  """`kernel` "auto" takes the fused Pallas kernel (kernels/ssd.py) on a GPU for 16-bit inputs of shapes it tiles."""
+  if kernel not in SSD_KERNELS:
+    raise ValueError(f"SSD kernel {kernel!r} is not one of {', '.join(SSD_KERNELS)}.")
+  if kernel == "auto":
+    fits = ssd_kernel.supported(C.shape[2], C.shape[3], xdt.shape[-1])
+    sixteen_bit = jnp.dtype(xdt.dtype) in (jnp.bfloat16, jnp.float16)
+    kernel = "pallas" if jax.default_backend() == "gpu" and sixteen_bit and fits else "xla"
+  if kernel == "pallas":
+    return ssd_kernel.ssd_diagonal_pallas(C, B, a, xdt)
+  return _diagonal_xla(C, B, a, xdt)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size=64, kernel: str = "xla"):
   """The same map as `ssd_reference`, by chunks: quadratic attention-like form inside a chunk, recurrence across.
 
   The tail is padded with dt = 0 (decay 1, no input), so padded steps are identities and never reach real outputs.
@@ -83,8 +106,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64):
   B, C = B.reshape(b, c, size, -1), C.reshape(b, c, size, -1)
   a = jnp.cumsum((dt * A.astype(_F32)).reshape(b, c, size, h), axis=2)  # log-decay from chunk start, (b, c, l, h)
 
-  mix = mm("bcls,bcms->bclm", C, B)[:, :, None] * _decay_matrix(jnp.moveaxis(a, 3, 2))
-  y = mm("bchlm,bcmhp->bclhp", mix, xdt)
+  y = _diagonal_term(kernel, C.astype(dtype), B.astype(dtype), a, xdt.astype(dtype))
   # Decays scale the (b, c, l, h, p) operands elementwise, so each contraction is one matmul batched over chunks.
   states = mm("bcls,bclhp->bchps", B, xdt * jnp.exp(a[:, :, -1:] - a)[..., None])
   entering = _entering_states(states, a[:, :, -1])
@@ -92,7 +114,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64):
   return y.reshape(b, c * size, h, p)[:, :n]
 
 
-def ssd_bidirectional(x, dt, A, B, C, chunk_size=64):
+def ssd_bidirectional(x, dt, A, B, C, chunk_size=64, kernel: str = "xla"):
   """Causal SSD plus the same SSD run over the reversed sequence, with the doubly counted diagonal removed.
 
   The mixing matrix is the causal one (lower triangle and diagonal) plus its mirror strictly above the diagonal:
@@ -101,7 +123,7 @@ def ssd_bidirectional(x, dt, A, B, C, chunk_size=64):
   """
   b = x.shape[0]
   both = ssd_chunked(*(jnp.concatenate([t, jnp.flip(t, 1)]) for t in (x, dt)), A,
-                     *(jnp.concatenate([t, jnp.flip(t, 1)]) for t in (B, C)), chunk_size=chunk_size)
+                     *(jnp.concatenate([t, jnp.flip(t, 1)]) for t in (B, C)), chunk_size=chunk_size, kernel=kernel)
   diagonal = jnp.einsum("bns,bns,bnh,bnhp->bnhp", C.astype(_F32), B.astype(_F32), dt.astype(_F32),
                         x.astype(_F32))
   return both[:b] + jnp.flip(both[b:], 1) - diagonal
@@ -165,7 +187,8 @@ def _mamba2_from_torch(t, dim, num_heads):
 
 
 @register("mamba2", "attn",
-          defaults={"d_state": 64, "d_conv": 4, "expand": 2, "headdim": 16, "chunk_size": 64, "bidirectional": False},
+          defaults={"d_state": 64, "d_conv": 4, "expand": 2, "headdim": 16, "chunk_size": 64, "bidirectional": False,
+                    "ssd_kernel": "auto"},
           torch_modules=("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj"),
           from_torch=_mamba2_from_torch)
 class Mamba2(nn.Module):
@@ -182,6 +205,7 @@ class Mamba2(nn.Module):
   headdim: int = 16
   chunk_size: int = 64
   bidirectional: bool = False
+  ssd_kernel: str = "auto"  # the within-chunk term: one of SSD_KERNELS (auto: the Pallas kernel on a GPU in bf16)
 
   @nn.compact
   def __call__(self, u):
@@ -200,7 +224,7 @@ class Mamba2(nn.Module):
     skip = self.param("D", nn.initializers.ones, (nheads,))
     dt = jax.nn.softplus(dt.astype(_F32) + dt_bias.astype(_F32))
     ssd = ssd_bidirectional if self.bidirectional else ssd_chunked
-    y = ssd(x, dt, A, B, C, chunk_size=self.chunk_size) + skip.astype(_F32)[:, None] * x.astype(_F32)
+    y = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, kernel=self.ssd_kernel) + skip.astype(_F32)[:, None] * x.astype(_F32)
 
     y = GatedRMSNorm(name="norm")(y.reshape(*y.shape[:2], d_inner), z)
     return init.dense(self.dim, "out_proj", use_bias=False)(y)

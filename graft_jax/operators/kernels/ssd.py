@@ -1,0 +1,150 @@
+"""The within-chunk term of Mamba-2's chunked SSD as a fused Pallas (Triton) kernel, with a custom VJP.
+
+For each chunk and head: y[l] = sum_{m <= l} (C_l . B_m) exp(a_l - a_m) xdt[m], where a is the chunk's cumulative
+log-decay. Written with XLA, the (chunk, chunk) mixing matrix of every head is a tensor in HBM (at DiT-XL/2's
+256 tokens and 144 heads of width 16 it is 0.6 G elements), built, cast and read several times forward and backward,
+which is most of the operator's time. Here one program takes one chunk and a block of heads: C B^T is computed once
+(B and C are shared by the heads), and each head's decay and mixing matrix live only in registers.
+
+Backward, per head: dxdt = M^T dy and dM = dy xdt^T with M the mixing matrix; G = dM * M gives the log-decay
+gradient (row sums minus column sums, as a_l enters with + and a_m with -), and dM * decay, summed over the heads,
+is the gradient of C B^T, turned into dC and dB by two small matmuls left to XLA.
+
+Shapes: b batch, c chunks, l (= m) chunk positions, s state size, h heads, p head width. Matmul operands are in the
+inputs' dtype with float32 accumulation, as `operators.matmul.einsum_f32` does; the decays are float32.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_F32 = jnp.float32
+
+
+def supported(chunk: int, state: int, head_width: int) -> bool:
+  """Triton's matmul tiles need power-of-two sides of at least 16; past 64 the per-program (chunk, chunk) float32
+  matrices (six live in the backward) would no longer fit in registers, so larger shapes stay on XLA."""
+  return all(n in (16, 32, 64) for n in (chunk, state, head_width))
+
+
+def _head_block(heads: int) -> int:
+  """Heads per program: the largest power of two up to 16 that divides them."""
+  return next(k for k in (16, 8, 4, 2, 1) if heads % k == 0)
+
+
+def _masked_decay(a_col, a_row):
+  """exp(a_l - a_m) for m <= l, else 0; masked before exp, whose argument above the diagonal can overflow."""
+  size = a_col.shape[0]
+  causal = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0) >= jax.lax.broadcasted_iota(
+      jnp.int32, (size, size), 1)
+  return jnp.exp(jnp.where(causal, a_col - a_row, -jnp.inf))
+
+
+def _forward_kernel(c_ref, b_ref, a_ref, at_ref, x_ref, y_ref, *, heads: int, width: int):
+  cb = plgpu.dot(c_ref[...], b_ref[...], trans_b=True)  # (l, m) float32
+  for j in range(heads):
+    cols = pl.ds(j * width, width)
+    x = x_ref[:, cols]
+    mix = (cb * _masked_decay(a_ref[:, pl.ds(j, 1)], at_ref[pl.ds(j, 1), :])).astype(x.dtype)
+    y_ref[:, cols] = plgpu.dot(mix, x).astype(y_ref.dtype)
+
+
+def _backward_kernel(c_ref, b_ref, a_ref, at_ref, x_ref, dy_ref, dx_ref, da_rows_ref, da_cols_ref, dcb_ref, *,
+                     heads: int, width: int):
+  cb = plgpu.dot(c_ref[...], b_ref[...], trans_b=True)
+  dcb = jnp.zeros_like(cb)
+  for j in range(heads):
+    cols = pl.ds(j * width, width)
+    x = x_ref[:, cols]
+    dy = dy_ref[:, cols].astype(x.dtype)
+    decay = _masked_decay(a_ref[:, pl.ds(j, 1)], at_ref[pl.ds(j, 1), :])
+    mix = cb * decay
+    dx_ref[:, cols] = plgpu.dot(mix.astype(x.dtype), dy, trans_a=True).astype(dx_ref.dtype)
+    dmix = plgpu.dot(dy, x, trans_b=True)  # (l, m) float32
+    dcb += dmix * decay
+    g = dmix * mix
+    da_rows_ref[pl.ds(j, 1), :] = jnp.sum(g, axis=1)[None, :]
+    da_cols_ref[pl.ds(j, 1), :] = jnp.sum(g, axis=0)[None, :]
+  dcb_ref[...] = dcb
+
+
+def _specs(b, c, l, s, h, p, hb):
+  """BlockSpecs over grid (b, c, head blocks) for C, B (b, c, l, s), a (b, c, l, h), a^T (b, c, h, l) and a
+  (b, c, l, h * p) array of head features."""
+  chunk = pl.BlockSpec((None, None, l, s), lambda i, k, g: (i, k, 0, 0))
+  a = pl.BlockSpec((None, None, l, hb), lambda i, k, g: (i, k, 0, g))
+  at = pl.BlockSpec((None, None, hb, l), lambda i, k, g: (i, k, g, 0))
+  features = pl.BlockSpec((None, None, l, hb * p), lambda i, k, g: (i, k, 0, g))
+  return chunk, a, at, features
+
+
+def _call(kernel, C, B, a, xdt, extra, out_shapes, out_specs, interpret):
+  b, c, l, s = C.shape
+  h, p = xdt.shape[-2:]
+  hb = _head_block(h)
+  chunk, a_spec, at_spec, features = _specs(b, c, l, s, h, p, hb)
+  flat = xdt.reshape(b, c, l, h * p)
+  return pl.pallas_call(
+      functools.partial(kernel, heads=hb, width=p),
+      grid=(b, c, h // hb),
+      in_specs=[chunk, chunk, a_spec, at_spec, features] + [features] * len(extra),
+      out_specs=out_specs(features, hb, l),
+      out_shape=out_shapes,
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+  )(C, B, a, jnp.swapaxes(a, 2, 3), flat, *extra)
+
+
+def _forward(C, B, a, xdt, interpret):
+  b, c, l, h, p = xdt.shape
+  y = _call(_forward_kernel, C, B, a, xdt, [], jax.ShapeDtypeStruct((b, c, l, h * p), _F32),
+            lambda features, hb, l: features, interpret)
+  return y.reshape(b, c, l, h, p)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _diagonal(C, B, a, xdt, interpret):
+  return _forward(C, B, a, xdt, interpret)
+
+
+def _diagonal_fwd(C, B, a, xdt, interpret):
+  return _forward(C, B, a, xdt, interpret), (C, B, a, xdt)
+
+
+def _diagonal_bwd(interpret, residuals, dy):
+  C, B, a, xdt = residuals
+  b, c, l, h, p = xdt.shape
+  hb = _head_block(h)
+  shapes = (jax.ShapeDtypeStruct((b, c, l, h * p), xdt.dtype), jax.ShapeDtypeStruct((b, c, h, l), _F32),
+            jax.ShapeDtypeStruct((b, c, h, l), _F32), jax.ShapeDtypeStruct((b, c, h // hb, l, l), _F32))
+
+  def out_specs(features, hb, l):
+    per_head = pl.BlockSpec((None, None, hb, l), lambda i, k, g: (i, k, g, 0))
+    partial_cb = pl.BlockSpec((None, None, None, l, l), lambda i, k, g: (i, k, g, 0, 0))
+    return [features, per_head, per_head, partial_cb]
+
+  dx, da_rows, da_cols, dcb = _call(_backward_kernel, C, B, a, xdt, [dy.reshape(b, c, l, h * p)], shapes,
+                                    out_specs, interpret)
+  dcb = dcb.sum(2)
+  mm = lambda spec, u, v: jnp.einsum(spec, u.astype(C.dtype), v.astype(C.dtype), preferred_element_type=_F32)
+  dC = mm("bclm,bcms->bcls", dcb, B).astype(C.dtype)
+  dB = mm("bclm,bcls->bcms", dcb, C).astype(B.dtype)
+  da = jnp.swapaxes(da_rows - da_cols, 2, 3)
+  return dC, dB, da.astype(a.dtype), dx.reshape(xdt.shape)
+
+
+_diagonal.defvjp(_diagonal_fwd, _diagonal_bwd)
+
+
+def ssd_diagonal_pallas(C, B, a, xdt, *, interpret: bool | None = None):
+  """sum_{m <= l} (C_l . B_m) exp(a_l - a_m) xdt_m per chunk and head, float32 (b, c, l, h, p).
+
+  C, B (b, c, l, s) and xdt (b, c, l, h, p) in the matmul dtype; a (b, c, l, h) float32. Off GPU (interpret None
+  means "not on a GPU") it runs in Pallas interpret mode, which is how the tests check it on CPU.
+  """
+  interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+  return _diagonal(C, B, a.astype(_F32), xdt, interpret)

@@ -72,38 +72,41 @@ def _backward_kernel(c_ref, b_ref, a_ref, at_ref, x_ref, dy_ref, dx_ref, da_rows
   dcb_ref[...] = dcb
 
 
-def _specs(b, c, l, s, h, p, hb):
-  """BlockSpecs over grid (b, c, head blocks) for C, B (b, c, l, s), a (b, c, l, h), a^T (b, c, h, l) and a
-  (b, c, l, h * p) array of head features."""
-  chunk = pl.BlockSpec((None, None, l, s), lambda i, k, g: (i, k, 0, 0))
-  a = pl.BlockSpec((None, None, l, hb), lambda i, k, g: (i, k, 0, g))
-  at = pl.BlockSpec((None, None, hb, l), lambda i, k, g: (i, k, g, 0))
-  features = pl.BlockSpec((None, None, l, hb * p), lambda i, k, g: (i, k, 0, g))
-  return chunk, a, at, features
+def _block_specs(l: int, s: int, p: int, hb: int) -> dict[str, pl.BlockSpec]:
+  """BlockSpecs over the grid (batch, chunk, head block), by the layout they tile."""
+  return {
+      "chunk": pl.BlockSpec((None, None, l, s), lambda i, k, g: (i, k, 0, 0)),  # C, B: (b, c, l, s)
+      "a": pl.BlockSpec((None, None, l, hb), lambda i, k, g: (i, k, 0, g)),  # a: (b, c, l, h)
+      "per_head": pl.BlockSpec((None, None, hb, l), lambda i, k, g: (i, k, g, 0)),  # a^T, da: (b, c, h, l)
+      "features": pl.BlockSpec((None, None, l, hb * p), lambda i, k, g: (i, k, 0, g)),  # xdt, y: (b, c, l, h * p)
+      "partial_cb": pl.BlockSpec((None, None, None, l, l), lambda i, k, g: (i, k, g, 0, 0)),  # (b, c, h/hb, l, l)
+  }
 
 
-def _call(kernel, C, B, a, xdt, extra, out_shapes, out_specs, interpret):
+def _call(kernel, C, B, a, xdt, extra_features, outputs, interpret):
+  """Runs `kernel` over (batch, chunk, head block) on C, B, a, a^T, xdt (and `extra_features` laid out as xdt);
+  `outputs` lists (dtype, layout name) pairs."""
   b, c, l, s = C.shape
   h, p = xdt.shape[-2:]
   hb = _head_block(h)
-  chunk, a_spec, at_spec, features = _specs(b, c, l, s, h, p, hb)
-  flat = xdt.reshape(b, c, l, h * p)
+  specs = _block_specs(l, s, p, hb)
+  shapes = {"features": (b, c, l, h * p), "per_head": (b, c, h, l), "partial_cb": (b, c, h // hb, l, l)}
+  flat = lambda u: u.reshape(b, c, l, h * p)
   return pl.pallas_call(
       functools.partial(kernel, heads=hb, width=p),
       grid=(b, c, h // hb),
-      in_specs=[chunk, chunk, a_spec, at_spec, features] + [features] * len(extra),
-      out_specs=out_specs(features, hb, l),
-      out_shape=out_shapes,
+      in_specs=[specs[k] for k in ("chunk", "chunk", "a", "per_head", "features")] + [specs["features"]] * len(
+          extra_features),
+      out_specs=[specs[layout] for _, layout in outputs],
+      out_shape=[jax.ShapeDtypeStruct(shapes[layout], dtype) for dtype, layout in outputs],
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
-  )(C, B, a, jnp.swapaxes(a, 2, 3), flat, *extra)
+  )(C, B, a, jnp.swapaxes(a, 2, 3), flat(xdt), *map(flat, extra_features))
 
 
 def _forward(C, B, a, xdt, interpret):
-  b, c, l, h, p = xdt.shape
-  y = _call(_forward_kernel, C, B, a, xdt, [], jax.ShapeDtypeStruct((b, c, l, h * p), _F32),
-            lambda features, hb, l: features, interpret)
-  return y.reshape(b, c, l, h, p)
+  y, = _call(_forward_kernel, C, B, a, xdt, [], [(_F32, "features")], interpret)
+  return y.reshape(xdt.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -117,22 +120,12 @@ def _diagonal_fwd(C, B, a, xdt, interpret):
 
 def _diagonal_bwd(interpret, residuals, dy):
   C, B, a, xdt = residuals
-  b, c, l, h, p = xdt.shape
-  hb = _head_block(h)
-  shapes = (jax.ShapeDtypeStruct((b, c, l, h * p), xdt.dtype), jax.ShapeDtypeStruct((b, c, h, l), _F32),
-            jax.ShapeDtypeStruct((b, c, h, l), _F32), jax.ShapeDtypeStruct((b, c, h // hb, l, l), _F32))
-
-  def out_specs(features, hb, l):
-    per_head = pl.BlockSpec((None, None, hb, l), lambda i, k, g: (i, k, g, 0))
-    partial_cb = pl.BlockSpec((None, None, None, l, l), lambda i, k, g: (i, k, g, 0, 0))
-    return [features, per_head, per_head, partial_cb]
-
-  dx, da_rows, da_cols, dcb = _call(_backward_kernel, C, B, a, xdt, [dy.reshape(b, c, l, h * p)], shapes,
-                                    out_specs, interpret)
-  dcb = dcb.sum(2)
-  mm = lambda spec, u, v: jnp.einsum(spec, u.astype(C.dtype), v.astype(C.dtype), preferred_element_type=_F32)
-  dC = mm("bclm,bcms->bcls", dcb, B).astype(C.dtype)
-  dB = mm("bclm,bcls->bcms", dcb, C).astype(B.dtype)
+  outputs = [(xdt.dtype, "features"), (_F32, "per_head"), (_F32, "per_head"), (_F32, "partial_cb")]
+  dx, da_rows, da_cols, dcb = _call(_backward_kernel, C, B, a, xdt, [dy], outputs, interpret)
+  # d(C B^T) summed over head blocks, then through the two matmuls it came from (operands rounded as einsum_f32).
+  dcb = dcb.sum(2).astype(C.dtype)
+  dC = jnp.einsum("bclm,bcms->bcls", dcb, B, preferred_element_type=_F32).astype(C.dtype)
+  dB = jnp.einsum("bclm,bcls->bcms", dcb, C, preferred_element_type=_F32).astype(B.dtype)
   da = jnp.swapaxes(da_rows - da_cols, 2, 3)
   return dC, dB, da.astype(a.dtype), dx.reshape(xdt.shape)
 

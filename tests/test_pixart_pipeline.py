@@ -34,6 +34,7 @@ def test_config_is_the_papers_plan_and_lora_finds_pixart_kernels():
   assert edits[0].layers == (8, 10, 12, 14, 16, 18, 20, 21, 22, 23, 24, 25, 26, 27)
   assert (c.finetune.lora_rank, c.stages) == (64, ("synthesize", "distill", "finetune", "sample"))
   assert (c.sample.steps, c.sample.cfg_scale, c.synthesize.steps, c.synthesize.cfg_scale) == (20, 4.5, 20, 4.5)
+  assert c.model.remat == "full"  # stage 2 at 16,384 tokens keeps only block inputs, as PixArt's training does
   small = load_config("pixart_sigma_hyena_x", "shrink=1")
   teacher = pipeline.teacher_config(small)
   student = graft.student_config(teacher, graft.parse_plan(small.graft, teacher))

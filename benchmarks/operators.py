@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import write_results
-from benchmarks.profile import kernel_times, summary
+from benchmarks.profile import call_profile
 from graft_jax.operators import build
 from graft_jax.timing import median_ms
 
@@ -22,7 +22,8 @@ OPERATORS = [("mha", {"backend": "cudnn"}), ("mha", {"backend": "xla"}), ("swa",
 SHAPES = [(256, 256), (2, 16384)]
 
 
-def time_operator(name, config, batch, tokens, profile: dict | None = None):
+def time_operator(name, config, batch, tokens, profile: bool = False):
+  """(forward ms, forward+backward ms, forward+backward's kernel summary or None)."""
   module = build(name, D, **config)
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, tokens, D), jnp.bfloat16)
@@ -31,10 +32,8 @@ def time_operator(name, config, batch, tokens, profile: dict | None = None):
   forward = jax.jit(module.apply)
   loss = lambda p, x: jnp.sum(jnp.square(module.apply(p, x).astype(jnp.float32)))
   backward = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  times = median_ms(forward, params, x), median_ms(backward, params, x)
-  if profile is not None:  # where forward+backward's device time goes
-    profile.update(summary(kernel_times(lambda: jax.block_until_ready(backward(params, x))), top=12))
-  return times
+  fwd, fwd_bwd = median_ms(forward, params, x), median_ms(backward, params, x)  # compiled and warm before profiling
+  return fwd, fwd_bwd, call_profile(backward, params, x, top=12) if profile else None
 
 
 def main():
@@ -51,9 +50,8 @@ def main():
     for name, config in OPERATORS:
       if only and name not in only:
         continue
-      profile = {} if args.profile else None
       try:
-        fwd, fwd_bwd = time_operator(name, config, batch, tokens, profile)
+        fwd, fwd_bwd, profile = time_operator(name, config, batch, tokens, args.profile)
       except Exception as e:  # a backend that cannot run this shape is reported, not fatal
         rows.append({"operator": name, "config": config, "batch": batch, "tokens": tokens,
                      "error": f"{type(e).__name__}: {str(e)[:200]}"})

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import write_results
 from benchmarks.dit import torch_lines
-from benchmarks.profile import kernel_times, summary
+from benchmarks.profile import call_profile
 from graft_jax import graft
 from graft_jax.experiment_pixart import PAPER_LAYERS
 from graft_jax.models.config import pixart_config
@@ -25,9 +25,9 @@ from graft_jax.timing import median_ms
 from graft_jax.train.state import cast_floating
 
 
-def forward_ms(config, params, batch: int = 2, profile: dict | None = None) -> float:
-  """Median ms of one bf16 forward on a random batch (t = 500, a full 300-token caption); with `profile`, its
-  kernel summary is stored there."""
+def forward_ms(config, params, batch: int = 2, profile: bool = False) -> tuple[float, dict | None]:
+  """Median ms of one bf16 forward on a random batch (t = 500, a full 300-token caption), and with `profile` its
+  kernel summary."""
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, config.input_size, config.input_size, config.in_channels), jnp.bfloat16)
   caption = jax.random.normal(key, (batch, config.caption_length, config.caption_channels), jnp.bfloat16)
@@ -35,9 +35,7 @@ def forward_ms(config, params, batch: int = 2, profile: dict | None = None) -> f
   run = jax.jit(lambda p, x, c: PixArt(config).apply({"params": p}, x, t, c))
   params = cast_floating(params, jnp.bfloat16)
   ms = median_ms(run, params, x, caption, warmup=2, iters=5)
-  if profile is not None:
-    profile.update(summary(kernel_times(lambda: jax.block_until_ready(run(params, x, caption))), top=20))
-  return ms
+  return ms, call_profile(run, params, x, caption, top=20) if profile else None
 
 
 def cross_attention_agreement(tokens: int, caption_length: int = 300, heads: int = 16, head_dim: int = 72) -> dict:
@@ -74,9 +72,8 @@ def main():
   student, student_params = graft.graft(teacher, params, edits, jax.random.key(1))
   row = {"image_size": args.image_size, "tokens": teacher.num_tokens, "depth": args.depth, "batch": 2,
          "grafted_layers": layers}
-  profiles = {"teacher": {}, "graft": {}} if args.profile else {}
-  row["teacher_ms"] = forward_ms(teacher, params, profile=profiles.get("teacher"))
-  row["graft_ms"] = forward_ms(student, student_params, profile=profiles.get("graft"))
+  row["teacher_ms"], teacher_kernels = forward_ms(teacher, params, profile=args.profile)
+  row["graft_ms"], graft_kernels = forward_ms(student, student_params, profile=args.profile)
   row["graft_speedup"] = row["teacher_ms"] / row["graft_ms"]
   eager = next((r for r in torch_lines(args.torch) if r["what"] == "pixart_sigma_fwd_bf16_eager"
                 and r.get("res") == args.image_size), None)
@@ -86,8 +83,8 @@ def main():
   if jax.default_backend() == "gpu":
     row["cross_attention_cudnn_vs_xla_rel_err"] = cross_attention_agreement(teacher.num_tokens)
   row["targets"] = {"teacher_over_torch_eager": 1.15, "graft_over_teacher": 1.6}
-  if profiles:
-    row["profile"] = profiles
+  if args.profile:
+    row["profile"] = {"teacher": teacher_kernels, "graft": graft_kernels}
   print(row, flush=True)
   print(write_results("pixart", [row], {"dtype": "bfloat16"}, args.out))
 

@@ -43,6 +43,11 @@ def kernel_times(run, calls: int = 3) -> dict[str, float]:
   return dict(totals)
 
 
+def call_profile(fn, *args, top: int = 15) -> dict:
+  """`summary` of the kernels of the call fn(*args) (jitted and already compiled)."""
+  return summary(kernel_times(lambda: jax.block_until_ready(fn(*args))), top=top)
+
+
 def summary(times: dict[str, float], top: int = 15) -> dict:
   """Total, per-kind totals and the `top` kernels by time (ms per call)."""
   kinds = collections.defaultdict(float)

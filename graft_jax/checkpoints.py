@@ -54,11 +54,16 @@ def load_config(model_dir: str | pathlib.Path):
   return config_cls.from_json(d)
 
 
+def load_params(model_dir: str | pathlib.Path):
+  """The saved parameters, on the default device (as before exports were saved from host arrays: callers time and
+  apply them as they are)."""
+  with hosts.local_checkpointer() as ckptr:
+    params = ckptr.restore(pathlib.Path(model_dir).absolute() / "params")
+  return jax.tree.map(jax.numpy.asarray, params)
+
+
 def load(model_dir: str | pathlib.Path):
   """(model, params) such that `model.apply({"params": params}, x, t, y)` runs the saved model."""
   config = load_config(model_dir)
   _, model_cls = _MODELS[config.to_json()["model"]]
-  with hosts.local_checkpointer() as ckptr:
-    params = ckptr.restore(pathlib.Path(model_dir).absolute() / "params")
-  # On the default device, as before exports were saved from host arrays: callers time and apply them as they are.
-  return model_cls(config), jax.tree.map(jax.numpy.asarray, params)
+  return model_cls(config), load_params(model_dir)

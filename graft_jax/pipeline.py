@@ -68,7 +68,7 @@ def load_teacher(config):
   """(model, params): the converted checkpoint `model.checkpoint`, or a fresh `model.preset` when it is empty."""
   cfg = teacher_config(config)  # a missing checkpoint fails here with the conversion command
   if config.model.checkpoint:
-    return build_model(cfg), checkpoints.load(config.model.checkpoint)[1]
+    return build_model(cfg), checkpoints.load_params(config.model.checkpoint)
   init = pixart_init_params if isinstance(cfg, PixArtConfig) else init_params
   params = init(cfg, jax.random.key(config.seed))
   noise = float(config.model.get("init_noise", 0.0))

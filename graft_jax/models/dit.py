@@ -101,7 +101,8 @@ def operator_site(block: nn.Module, name: str, h, gate):
 
 
 def remat_layer(cls: type[nn.Module], remat: str) -> type[nn.Module]:
-  """`cls` with activations recomputed in the backward pass as config.REMAT says (parameter names unchanged)."""
+  """`cls` with activations recomputed in the backward pass as `remat` says (operators/remat.py; parameter names
+  unchanged)."""
   if remat == "none":
     return cls
   return nn.remat(cls, policy=remat_policy(remat))

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from graft_jax.operators.matmul import einsum_f32
+
 _F32 = jnp.float32
 
 
@@ -122,10 +124,10 @@ def _diagonal_bwd(interpret, residuals, dy):
   C, B, a, xdt = residuals
   outputs = [(xdt.dtype, "features"), (_F32, "per_head"), (_F32, "per_head"), (_F32, "partial_cb")]
   dx, da_rows, da_cols, dcb = _call(_backward_kernel, C, B, a, xdt, [dy], outputs, interpret)
-  # d(C B^T) summed over head blocks, then through the two matmuls it came from (operands rounded as einsum_f32).
+  # d(C B^T) summed over head blocks, then back through the matmul it came from, in the operands' dtype.
   dcb = dcb.sum(2).astype(C.dtype)
-  dC = jnp.einsum("bclm,bcms->bcls", dcb, B, preferred_element_type=_F32).astype(C.dtype)
-  dB = jnp.einsum("bclm,bcls->bcms", dcb, C, preferred_element_type=_F32).astype(B.dtype)
+  dC = einsum_f32("bclm,bcms->bcls", dcb, B).astype(C.dtype)
+  dB = einsum_f32("bclm,bcls->bcms", dcb, C).astype(B.dtype)
   da = jnp.swapaxes(da_rows - da_cols, 2, 3)
   return dC, dB, da.astype(a.dtype), dx.reshape(xdt.shape)
 

@@ -57,21 +57,24 @@ def _forward_kernel(c_ref, b_ref, a_ref, at_ref, x_ref, y_ref, *, heads: int, wi
 
 def _backward_kernel(c_ref, b_ref, a_ref, at_ref, x_ref, dy_ref, dx_ref, da_rows_ref, da_cols_ref, dcb_ref, *,
                      heads: int, width: int):
+  # A loop rather than the forward's unrolled heads: each head keeps four (l, m) float32 matrices live, and unrolled
+  # their register allocation spans all heads (H200, DiT-XL/2's shape: 14.7 against 16.8 ms forward+backward).
   cb = plgpu.dot(c_ref[...], b_ref[...], trans_b=True)
-  dcb = jnp.zeros_like(cb)
-  for j in range(heads):
-    cols = pl.ds(j * width, width)
+
+  def head(j, dcb):
+    cols = pl.ds(pl.multiple_of(j * width, width), width)
     x = x_ref[:, cols]
     dy = dy_ref[:, cols].astype(x.dtype)
     decay = _masked_decay(a_ref[:, pl.ds(j, 1)], at_ref[pl.ds(j, 1), :])
     mix = cb * decay
     dx_ref[:, cols] = plgpu.dot(mix.astype(x.dtype), dy, trans_a=True).astype(dx_ref.dtype)
     dmix = plgpu.dot(dy, x, trans_b=True)  # (l, m) float32
-    dcb += dmix * decay
     g = dmix * mix
     da_rows_ref[pl.ds(j, 1), :] = jnp.sum(g, axis=1)[None, :]
     da_cols_ref[pl.ds(j, 1), :] = jnp.sum(g, axis=0)[None, :]
-  dcb_ref[...] = dcb
+    return dcb + dmix * decay
+
+  dcb_ref[...] = jax.lax.fori_loop(0, heads, head, jnp.zeros_like(cb))
 
 
 def _block_specs(l: int, s: int, p: int, hb: int) -> dict[str, pl.BlockSpec]:

@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: a results file that says how it was made (timing: graft_jax.timing.median_ms)."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -9,6 +10,8 @@ import subprocess
 import sys
 
 import jax
+
+from graft_jax.models.config import LayerSpec, OpSpec
 
 
 def machine() -> dict:
@@ -29,3 +32,12 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, out_di
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(record, indent=1))
   return path
+
+
+def with_gelu_kernel(config, kernel: str):
+  """`config` with every plain MLP's fc1 + GELU on `kernel` (one of operators.mlp.GELU_KERNELS)."""
+  def edit(layer):
+    if not isinstance(layer, LayerSpec) or layer.mlp.name != "mlp":
+      return layer
+    return dataclasses.replace(layer, mlp=OpSpec.make("mlp", **{**layer.mlp.config, "gelu_kernel": kernel}))
+  return config.replace(layers=tuple(map(edit, config.layers)))

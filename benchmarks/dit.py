@@ -1,7 +1,8 @@
 """DiT-XL/2 on one accelerator, bf16: the stage-2 train step (AdamW + EMA) and the forward pass at batch 256, and
 the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
 
-python benchmarks/dit.py [--what train,forward,depth] [--remat none|dots|full] [--profile] [--out DIR]
+python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel xla|auto]
+  [--profile] [--out DIR]
 The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
 JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json and depth_to_width.json.
 """
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import write_results
+from benchmarks.common import with_gelu_kernel, write_results
 from benchmarks.profile import kernel_times, summary
 from graft_jax import graft
 from graft_jax.models import DiT, dit_config, init_params
@@ -69,8 +70,9 @@ def forward_ms(model, params, batch) -> float:
   return median_ms(forward_runner(model, params, batch))
 
 
-def bench_train(batch_size: int, remat: str = "none", profile: bool = False, forward: bool = True) -> list[dict]:
-  cfg = dit_config("DiT-XL/2", remat=remat)
+def bench_train(batch_size: int, remat: str = "none", profile: bool = False, forward: bool = True,
+                gelu_kernel: str = "xla") -> list[dict]:
+  cfg = with_gelu_kernel(dit_config("DiT-XL/2", remat=remat), gelu_kernel)
   model, params = DiT(cfg), init_params(cfg, jax.random.key(0))
   config = finetune.default_config()
   config.update(dict(batch_size=batch_size, mesh={"data": 1, "fsdp": 1}))
@@ -87,7 +89,8 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   del run  # frees the train state before the forward runs
   run = forward_runner(model, params, batch_of(batch_size))
   fwd = median_ms(run)
-  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "ms": fwd, "img_per_s": batch_size / fwd * 1e3}
+  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, "ms": fwd,
+             "img_per_s": batch_size / fwd * 1e3}
   if profile:
     forward["profile"] = summary(kernel_times(run), top=25)
   print(forward, flush=True)
@@ -125,12 +128,13 @@ def main():
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--remat", default="none", help="the model's remat policy for the train step")
   parser.add_argument("--profile", action="store_true", help="add each run's device time by kernel")
+  parser.add_argument("--gelu-kernel", default="xla", help="the MLPs' fc1 + GELU: xla, auto or mosaic")
   parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py in the same run")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   what = args.what.split(",")
   if "train" in what:
-    rows = bench_train(args.batch, args.remat, args.profile, forward="forward" in what)
+    rows = bench_train(args.batch, args.remat, args.profile, forward="forward" in what, gelu_kernel=args.gelu_kernel)
     ref = torch_rows(args.torch)
     extra = {"torch_reference": list(ref.values())}
     # Each row's torch.compile counterpart and the speed-up the issue asks over it.

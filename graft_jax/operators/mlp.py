@@ -1,11 +1,15 @@
 """Channel mixers: the transformer MLP with any hidden ratio."""
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 
 from graft_jax.operators import init
+from graft_jax.operators.kernels import dense_gelu
 from graft_jax.operators.registry import register
-from graft_jax.operators.remat import kept
+
+GELU_KERNELS = ("auto", "xla", "mosaic")
 
 
 def _mlp_from_torch(t, dim, num_heads):
@@ -13,13 +17,37 @@ def _mlp_from_torch(t, dim, num_heads):
   return {"ratio": hidden / dim}, {"fc1": init.dense_from_torch(t, "fc1"), "fc2": init.dense_from_torch(t, "fc2")}
 
 
-@register("mlp", "mlp", defaults={"ratio": 4.0}, torch_modules=("fc1", "fc2"), from_torch=_mlp_from_torch)
+class DenseGELU(nn.Module):
+  """fc1 and its tanh GELU: a Dense's parameters and initialisation (xavier-uniform kernel, zero bias), applied by
+  XLA or by the fused Hopper kernel (`kernels/dense_gelu.py`, forward only). `gelu_kernel` "mosaic" takes the kernel
+  wherever the inputs fit it (16-bit, whole tiles; float32 calls such as init stay on XLA), "auto" only where it
+  is also `supported` (one Hopper GPU), "xla" never."""
+  features: int
+  gelu_kernel: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    if self.gelu_kernel not in GELU_KERNELS:
+      raise ValueError(f"GELU kernel {self.gelu_kernel!r} is not one of {', '.join(GELU_KERNELS)}.")
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    shape = (math.prod(x.shape[:-1]), x.shape[-1], self.features, x.dtype)
+    fused = {"xla": False, "mosaic": dense_gelu.fits(*shape), "auto": dense_gelu.supported(*shape)}[self.gelu_kernel]
+    return dense_gelu.dense_gelu(x, kernel, bias) if fused else dense_gelu.reference(x, kernel, bias)
+
+
+@register("mlp", "mlp", defaults={"ratio": 4.0, "gelu_kernel": "xla"}, torch_modules=("fc1", "fc2"),
+          from_torch=_mlp_from_torch)
 class MLP(nn.Module):
   """Linear D -> rD, GELU (tanh approximation, as DiT), Linear rD -> D."""
   dim: int
   ratio: float = 4.0
+  # One of GELU_KERNELS. "xla" by default until the kernel's whole-model runs on the H200 are in (its own: MLP
+  # forward 1.13-1.14x, benchmarks/results/dense_gelu.json).
+  gelu_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     hidden = int(round(self.dim * self.ratio))
-    return init.dense(self.dim, "fc2")(kept(nn.gelu(init.dense(hidden, "fc1")(x), approximate=True)))
+    return init.dense(self.dim, "fc2")(DenseGELU(hidden, self.gelu_kernel, name="fc1")(x))

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config
 from graft_jax.operators.init import FusedDense
+from graft_jax.operators.mlp import DenseGELU
 from graft_jax.train import finetune, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
 from graft_jax.train.metrics import NonFiniteError
@@ -296,6 +297,9 @@ def lora_interceptor(factors, scale):
       delta = scale * (args[0] @ factors[key + ("a",)]) @ factors[key + ("b",)]
       if isinstance(context.module, FusedDense):  # a fused qkv returns its parts
         return [part + d for part, d in zip(out, jnp.split(delta, context.module.parts, -1))]
+      if isinstance(context.module, DenseGELU):  # fc1 returns its GELU: the delta enters before it
+        p = context.module.variables["params"]
+        return jax.nn.gelu(args[0] @ p["kernel"] + p["bias"] + delta, approximate=True)
       assert isinstance(context.module, nn.Dense)
       out = out + delta
     return out

@@ -64,7 +64,7 @@ def test_auto_stays_on_xla_off_a_hopper_gpu():
 
 def test_unknown_gelu_kernel_is_one_sentence():
   mlp = build("mlp", 32, gelu_kernel="triton")
-  with pytest.raises(ValueError, match="^GELU kernel 'triton' is not one of auto, xla, mosaic\."):
+  with pytest.raises(ValueError, match=r"^GELU kernel 'triton' is not one of auto, xla, mosaic\."):
     mlp.init(jax.random.key(0), jnp.zeros((1, 4, 32)))
 
 

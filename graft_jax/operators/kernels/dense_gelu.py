@@ -63,10 +63,6 @@ def supported(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
   return hopper and fits(m, k, n, dtype, tiles)
 
 
-def _gelu_tanh(h):
-  return 0.5 * h * (1.0 + jnp.tanh(0.7978845608028654 * (h + 0.044715 * (h * h * h))))
-
-
 def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
   m, k = x.shape
   n = kernel.shape[1]
@@ -112,7 +108,8 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
             run_pipeline(acc)
             plgpu.barrier_wait(bias_ready.at[wg])
             b = plgpu.load(bias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0)).astype(_F32)
-            y = _gelu_tanh(acc[...] + lax.broadcast_in_dim(b, (tm, tn), (1,))).astype(out_smem.dtype)
+            y = jax.nn.gelu(acc[...] + lax.broadcast_in_dim(b, (tm, tn), (1,)), approximate=True)
+            y = y.astype(out_smem.dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
             out_smem[wg] = y
             plgpu.commit_smem()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
+from graft_jax.operators.kernels import sixteen_bit
 from graft_jax.operators.kernels.splash import splash_band_attention
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
@@ -16,12 +17,11 @@ from graft_jax.operators.remat import kept
 def attention_backend(requested: str, dtype) -> str:
   """cuDNN's fused attention is the fast path on NVIDIA GPUs but only takes 16-bit inputs, so float32 calls (a
   float32 init, a parity test) run XLA whatever was asked; "auto" picks cuDNN on GPU for 16-bit inputs."""
-  sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  if requested == "cudnn" and not sixteen_bit:
+  if requested == "cudnn" and not sixteen_bit(dtype):
     return "xla"
   if requested != "auto":
     return requested
-  return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
+  return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit(dtype) else "xla"
 
 
 def split_heads(qkv: jax.Array, num_heads: int):

@@ -32,8 +32,10 @@ class DenseGELU(nn.Module):
     kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    if self.gelu_kernel == "xla":
+      return dense_gelu.reference(x, kernel, bias)
     shape = (math.prod(x.shape[:-1]), x.shape[-1], self.features, x.dtype)
-    fused = {"xla": False, "mosaic": dense_gelu.fits(*shape), "auto": dense_gelu.supported(*shape)}[self.gelu_kernel]
+    fused = dense_gelu.fits(*shape) if self.gelu_kernel == "mosaic" else dense_gelu.supported(*shape)
     return dense_gelu.dense_gelu(x, kernel, bias) if fused else dense_gelu.reference(x, kernel, bias)
 
 

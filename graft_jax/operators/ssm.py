@@ -14,6 +14,7 @@ import numpy as np
 
 from graft_jax.operators import init
 from graft_jax.operators.hyena import CausalConv
+from graft_jax.operators.kernels import one_gpu, sixteen_bit
 from graft_jax.operators.kernels import ssd as ssd_kernel
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
@@ -76,15 +77,12 @@ def _diagonal_xla(C, B, a, xdt):
 
 def _diagonal_term(kernel: str, C, B, a, xdt):
   """`kernel` "auto" takes the fused Pallas kernel (kernels/ssd.py) on a single GPU for 16-bit inputs of shapes it
-  tiles. With several devices it stays on XLA: the Pallas call has no sharding rule, so a sharded jit would have to
-  replicate its operands."""
+  tiles, else XLA."""
   if kernel not in SSD_KERNELS:
     raise ValueError(f"SSD kernel {kernel!r} is not one of {', '.join(SSD_KERNELS)}.")
   if kernel == "auto":
     fits = ssd_kernel.supported(C.shape[2], C.shape[3], xdt.shape[-1])
-    sixteen_bit = jnp.dtype(xdt.dtype) in (jnp.bfloat16, jnp.float16)
-    one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
-    kernel = "pallas" if one_gpu and sixteen_bit and fits else "xla"
+    kernel = "pallas" if one_gpu() and sixteen_bit(xdt.dtype) and fits else "xla"
   if kernel == "pallas":
     return ssd_kernel.ssd_diagonal_pallas(C, B, a, xdt)
   return _diagonal_xla(C, B, a, xdt)

@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from graft_jax.operators.kernels import one_gpu, sixteen_bit
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -50,14 +51,12 @@ def reference(x, kernel, bias):
 
 def fits(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
   """16-bit operands on whole tiles: the kernel has no edge masking."""
-  sixteen_bit = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  return sixteen_bit and m % tiles.rows == 0 and n % (2 * tiles.cols) == 0 and k % tiles.depth == 0
+  return sixteen_bit(dtype) and m % tiles.rows == 0 and n % (2 * tiles.cols) == 0 and k % tiles.depth == 0
 
 
 def supported(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
-  """`fits`, on one Hopper GPU: wgmma is sm_90 only, and the kernel has no sharding rule (a sharded jit would
-  replicate its operands)."""
-  if jax.default_backend() != "gpu" or jax.device_count() != 1:
+  """`fits`, on one Hopper GPU (`kernels.one_gpu`): wgmma is sm_90 only."""
+  if not one_gpu():
     return False
   hopper = getattr(jax.devices()[0], "compute_capability", "").startswith("9")
   return hopper and fits(m, k, n, dtype, tiles)

@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: a results file that says how it was made (timing: graft_jax.timing.median_ms)."""
+"""Shared benchmark plumbing: a results file that says how it was made (timing: graft_jax.timing, whose loop_ms is
+the PyTorch reference's method)."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,7 +1,7 @@
 """DiT-XL/2 on one accelerator, bf16: the stage-2 train step (AdamW + EMA) and the forward pass at batch 256, and
 the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
 
-python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel xla|auto]
+python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel auto|xla]
   [--profile] [--out DIR]
 The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
 JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json and depth_to_width.json.
@@ -19,7 +19,7 @@ from benchmarks.common import with_gelu_kernel, write_results
 from benchmarks.profile import kernel_times, summary
 from graft_jax import graft
 from graft_jax.models import DiT, dit_config, init_params
-from graft_jax.timing import median_ms
+from graft_jax.timing import loop_ms, median_ms
 from graft_jax.train import finetune, partition
 from graft_jax.train.state import cast_floating, create_state
 
@@ -36,8 +36,8 @@ def batch_of(size: int, key: int = 0) -> dict:
 
 
 def train_runner(config, model, params, mesh, batch):
-  """A closure that runs one real stage-2 step (donated state, so each call feeds the next) and blocks on it; it
-  returns the step's loss."""
+  """A closure that dispatches one real stage-2 step (donated state, so each call feeds the next) and returns the
+  step's loss without waiting for it."""
   optimizer = finetune.make_optimizer(config)
   holder = {}
   holder["state"], shardings = create_state(config, params, mesh, optimizer)
@@ -47,13 +47,19 @@ def train_runner(config, model, params, mesh, batch):
 
   def run():
     holder["state"], metrics = step(holder["state"], batch)
-    return jax.block_until_ready(metrics["loss"])
+    return metrics["loss"]
   return run
 
 
-def train_step_ms(run, iters: int = 10) -> float:
-  """Median ms of `run` (a train_runner), after compile and two warm-up steps; then one more step must be finite."""
-  ms = median_ms(run, warmup=3, iters=iters)
+def timings(run) -> dict:
+  """`ms`: loop_ms, the PyTorch reference's method (the ratios use it); `synchronised_ms`: median_ms, each call
+  waited for (latency: adds the host's dispatch and launch gaps)."""
+  return {"ms": loop_ms(run), "synchronised_ms": median_ms(run)}
+
+
+def train_step_ms(run) -> dict:
+  """`timings` of `run` (a train_runner); then one more step must be finite."""
+  ms = timings(run)
   if not np.isfinite(float(run())):
     raise RuntimeError("the benchmarked train step produced a non-finite loss")
   return ms
@@ -63,15 +69,15 @@ def forward_runner(model, params, batch):
   params = cast_floating(params, jnp.bfloat16)
   x, t, y = jnp.asarray(batch["x"], jnp.bfloat16), jnp.full(batch["y"].shape, 500), jnp.asarray(batch["y"])
   fn = jax.jit(model.apply)
-  return lambda: jax.block_until_ready(fn({"params": params}, x, t, y))
+  return lambda: fn({"params": params}, x, t, y)
 
 
 def forward_ms(model, params, batch) -> float:
-  return median_ms(forward_runner(model, params, batch))
+  return loop_ms(forward_runner(model, params, batch))
 
 
 def bench_train(batch_size: int, remat: str = "none", profile: bool = False, forward: bool = True,
-                gelu_kernel: str = "xla") -> list[dict]:
+                gelu_kernel: str = "auto") -> list[dict]:
   cfg = with_gelu_kernel(dit_config("DiT-XL/2", remat=remat), gelu_kernel)
   model, params = DiT(cfg), init_params(cfg, jax.random.key(0))
   config = finetune.default_config()
@@ -79,20 +85,20 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   mesh = partition.make_mesh(config.mesh, jax.devices()[:1])
   run = train_runner(config, model, params, mesh, batch_of(batch_size))
   ms = train_step_ms(run)
-  train = {"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, "ms": ms,
-           "img_per_s": batch_size / ms * 1e3, "peak_mem_gb": peak_memory_gb()}
+  train = {"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, **ms,
+           "img_per_s": batch_size / ms["ms"] * 1e3, "peak_mem_gb": peak_memory_gb()}
   if profile:
-    train["profile"] = summary(kernel_times(run), top=40)
+    train["profile"] = summary(kernel_times(lambda: jax.block_until_ready(run())), top=40)
   print(train, flush=True)
   if not forward:
     return [train]
   del run  # frees the train state before the forward runs
   run = forward_runner(model, params, batch_of(batch_size))
-  fwd = median_ms(run)
-  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, "ms": fwd,
-             "img_per_s": batch_size / fwd * 1e3}
+  fwd = timings(run)
+  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, **fwd,
+             "img_per_s": batch_size / fwd["ms"] * 1e3}
   if profile:
-    forward["profile"] = summary(kernel_times(run), top=25)
+    forward["profile"] = summary(kernel_times(lambda: jax.block_until_ready(run())), top=25)
   print(forward, flush=True)
   return [train, forward]
 
@@ -128,7 +134,7 @@ def main():
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--remat", default="none", help="the model's remat policy for the train step")
   parser.add_argument("--profile", action="store_true", help="add each run's device time by kernel")
-  parser.add_argument("--gelu-kernel", default="xla", help="the MLPs' fc1 + GELU: xla, auto or mosaic")
+  parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
   parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py in the same run")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()

@@ -2,7 +2,7 @@
 teacher and its Hyena-X graft (the paper's layers) against shared/bench/torch_reference.py in the same device call
 (issue: PixArt-Sigma, point 5).
 
-python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--gelu-kernel xla|auto] [--profile]
+python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--gelu-kernel auto|xla] [--profile]
   [--out benchmarks/results]
 `--torch` takes the JSON lines of `torch_reference.py pixart` from the same call. Targets: our teacher at least 1.15x
 faster than PyTorch eager; the graft at least 1.6x faster than our teacher. Writes pixart.json.
@@ -22,20 +22,20 @@ from graft_jax.experiment_pixart import PAPER_LAYERS
 from graft_jax.models.config import pixart_config
 from graft_jax.models.pixart import PixArt, init_params
 from graft_jax.operators.attention import key_masked_attention
-from graft_jax.timing import median_ms
+from graft_jax.timing import loop_ms
 from graft_jax.train.state import cast_floating
 
 
 def forward_ms(config, params, batch: int = 2, profile: bool = False) -> tuple[float, dict | None]:
-  """Median ms of one bf16 forward on a random batch (t = 500, a full 300-token caption), and with `profile` its
-  kernel summary."""
+  """loop_ms (the PyTorch reference's method) of one bf16 forward on a random batch (t = 500, a full 300-token
+  caption), and with `profile` its kernel summary."""
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, config.input_size, config.input_size, config.in_channels), jnp.bfloat16)
   caption = jax.random.normal(key, (batch, config.caption_length, config.caption_channels), jnp.bfloat16)
   t = jnp.full((batch,), 500)
   run = jax.jit(lambda p, x, c: PixArt(config).apply({"params": p}, x, t, c))
   params = cast_floating(params, jnp.bfloat16)
-  ms = median_ms(run, params, x, caption, warmup=2, iters=5)
+  ms = loop_ms(run, params, x, caption)
   return ms, call_profile(run, params, x, caption, top=20) if profile else None
 
 
@@ -64,7 +64,7 @@ def main():
   parser.add_argument("--image-size", type=int, default=2048)
   parser.add_argument("--depth", type=int, default=28, help="fewer layers for a smoke run (the plan is clipped)")
   parser.add_argument("--profile", action="store_true", help="add each forward's device time by kernel")
-  parser.add_argument("--gelu-kernel", default="xla", help="the MLPs' fc1 + GELU: xla, auto or mosaic")
+  parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   teacher = with_gelu_kernel(pixart_config(args.image_size, depth=args.depth), args.gelu_kernel)

@@ -45,8 +45,8 @@ def main():
     config.update(dict(batch_size=args.per_device_batch * n, mesh=layout))
     mesh = partition.make_mesh(layout, devices[:n])
     ms = train_step_ms(train_runner(config, model, params, mesh, batch_of(config.batch_size)))
-    row = {"devices": n, "mesh": layout, "global_batch": config.batch_size, "ms": ms,
-           "img_per_s": config.batch_size / ms * 1e3, "peak_mem_gb_device0": peak_memory_gb(devices[0])}
+    row = {"devices": n, "mesh": layout, "global_batch": config.batch_size, **ms,
+           "img_per_s": config.batch_size / ms["ms"] * 1e3, "peak_mem_gb_device0": peak_memory_gb(devices[0])}
     single = single or row["img_per_s"]
     row["efficiency"] = row["img_per_s"] / (n * single)
     rows.append(row)

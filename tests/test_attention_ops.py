@@ -121,9 +121,9 @@ class TorchSWA(torch.nn.Module):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _value_and_input_grad(module, params, x, cotangent):
-  out, pull = jax.vjp(lambda x: module.apply({"params": params}, x), x)
-  return out, pull(cotangent)[0]
+def _module_value_and_grads(module, params, x, cotangent):
+  out, pull = jax.vjp(lambda params, x: module.apply({"params": params}, x), params, x)
+  return out, *pull(cotangent)
 
 
 def _torch_parity(module_cfg, mask, n, dim=24, heads=3):
@@ -137,9 +137,14 @@ def _torch_parity(module_cfg, mask, n, dim=24, heads=3):
   op = ops.get("swa")
   config, params = op.from_torch({k: t.detach().numpy() for k, t in ref.state_dict().items()}, dim, heads)
   module = ops.build("swa", dim, **{**config, **module_cfg})
-  got, grad_x = _value_and_input_grad(module, params, jnp.asarray(x.detach().numpy()), jnp.asarray(cot.numpy()))
+  got, grad_params, grad_x = _module_value_and_grads(module, params, jnp.asarray(x.detach().numpy()),
+                                                     jnp.asarray(cot.numpy()))
   np.testing.assert_allclose(got, want.detach().numpy(), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(grad_x, x.grad.numpy(), atol=1e-5, rtol=1e-5)
+  # Parameter gradients too: k's bias (cancelled by softmax) and v's (folded into out_proj's bias) are not applied
+  # where PyTorch applies them, and must still get PyTorch's gradients (zero for k's, up to rounding).
+  _, want_grads = op.from_torch({k: t.grad.numpy() for k, t in ref.named_parameters()}, dim, heads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), grad_params, want_grads)
   return config
 
 

@@ -19,9 +19,16 @@ class FusedDense(nn.Module):
   bias (parts * F,), initialised as one xavier-uniform matrix) but applied as `parts` matmuls on slices of the
   weights. Each output is then its own contiguous array: a consumer such as cuDNN attention would otherwise get a
   copy of each part sliced out of the fused (..., parts * F) result (3 x 2.6 ms of DiT-XL/2's 124 ms forward at
-  batch 256 on an H200), and the backward pass a concatenation of their gradients."""
+  batch 256 on an H200), and the backward pass a concatenation of their gradients.
+
+  `biased` says which parts get their bias added (default all); a caller that leaves one out accounts for it
+  itself (`part_bias`), as softmax attention does for its keys and values."""
   features: int
   parts: int
+  biased: tuple[bool, ...] | None = None
+
+  def _cuts(self):
+    return [slice(i * self.features, (i + 1) * self.features) for i in range(self.parts)]
 
   @nn.compact
   def __call__(self, x) -> list[jax.Array]:
@@ -29,8 +36,12 @@ class FusedDense(nn.Module):
     kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], width))
     bias = self.param("bias", nn.initializers.zeros, (width,))
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-    cuts = [slice(i * self.features, (i + 1) * self.features) for i in range(self.parts)]
-    return [x @ kernel[:, cut] + bias[cut] for cut in cuts]
+    biased = self.biased or (True,) * self.parts
+    return [x @ kernel[:, cut] + bias[cut] if add else x @ kernel[:, cut] for cut, add in zip(self._cuts(), biased)]
+
+  def part_bias(self, part: int) -> jax.Array:
+    """The stored bias of output `part` (after the module has been called)."""
+    return self.variables["params"]["bias"][self._cuts()[part]]
 
 
 def dense_from_torch(tensors: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ class DenseGELU(nn.Module):
   wherever the inputs fit it (16-bit, whole tiles; float32 calls such as init stay on XLA), "auto" only where it
   is also `supported` (one Hopper GPU), "xla" never."""
   features: int
-  gelu_kernel: str = "xla"
+  gelu_kernel: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -39,15 +39,15 @@ class DenseGELU(nn.Module):
     return dense_gelu.dense_gelu(x, kernel, bias) if fused else dense_gelu.reference(x, kernel, bias)
 
 
-@register("mlp", "mlp", defaults={"ratio": 4.0, "gelu_kernel": "xla"}, torch_modules=("fc1", "fc2"),
+@register("mlp", "mlp", defaults={"ratio": 4.0, "gelu_kernel": "auto"}, torch_modules=("fc1", "fc2"),
           from_torch=_mlp_from_torch)
 class MLP(nn.Module):
   """Linear D -> rD, GELU (tanh approximation, as DiT), Linear rD -> D."""
   dim: int
   ratio: float = 4.0
-  # One of GELU_KERNELS. "xla" by default until the kernel's whole-model runs on the H200 are in (its own: MLP
-  # forward 1.13-1.14x, benchmarks/results/dense_gelu.json).
-  gelu_kernel: str = "xla"
+  # One of GELU_KERNELS. "auto": the fused kernel in undifferentiated forwards on one Hopper GPU, XLA elsewhere
+  # (the kernel's whole-model effect: benchmarks/results/dit_xl2.json and pixart.json).
+  gelu_kernel: str = "auto"
 
   @nn.compact
   def __call__(self, x):

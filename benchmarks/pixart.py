@@ -67,9 +67,11 @@ def main():
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
+  layers = [i for i in PAPER_LAYERS if i < args.depth]
+  if not layers:
+    parser.error(f"--depth {args.depth} keeps none of the paper's grafted layers (the first is {PAPER_LAYERS[0]}).")
   teacher = with_gelu_kernel(pixart_config(args.image_size, depth=args.depth), args.gelu_kernel)
   params = init_params(teacher, jax.random.key(0))
-  layers = [i for i in PAPER_LAYERS if i < args.depth]
   edits = graft.parse_plan([dict(site="attn", layers=layers, operator="hyena_x")], teacher)
   student, student_params = graft.graft(teacher, params, edits, jax.random.key(1))
   row = {"image_size": args.image_size, "tokens": teacher.num_tokens, "depth": args.depth, "batch": 2,

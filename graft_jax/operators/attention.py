@@ -53,10 +53,8 @@ class OutputProjection(nn.Module):
 
   @nn.compact
   def __call__(self, y, v_bias):
-    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (y.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    y, kernel, bias, v_bias = nn.dtypes.promote_dtype(y, kernel, bias, v_bias)
-    return y @ kernel + (bias + v_bias @ kernel)
+    y, kernel, bias = init.dense_params(self, y, self.features)
+    return y @ kernel + (bias + v_bias.astype(kernel.dtype) @ kernel)
 
 
 def project_out(y: jax.Array, v_bias: jax.Array, features: int) -> jax.Array:

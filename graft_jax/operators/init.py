@@ -14,6 +14,14 @@ def dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
                   bias_init=nn.initializers.zeros)
 
 
+def dense_params(module: nn.Module, x: jax.Array, features: int):
+  """x, kernel and bias of a Linear declared inside `module` (nn.Dense's parameter names, DiT's initialisation),
+  promoted to one dtype as nn.Dense does: for modules that apply a Dense's weights their own way."""
+  kernel = module.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], features))
+  bias = module.param("bias", nn.initializers.zeros, (features,))
+  return nn.dtypes.promote_dtype(x, kernel, bias)
+
+
 class FusedDense(nn.Module):
   """`parts` Linears of `features` outputs each, stored as PyTorch fuses them (one Dense: kernel (D, parts * F),
   bias (parts * F,), initialised as one xavier-uniform matrix) but applied as `parts` matmuls on slices of the
@@ -32,10 +40,7 @@ class FusedDense(nn.Module):
 
   @nn.compact
   def __call__(self, x) -> list[jax.Array]:
-    width = self.parts * self.features
-    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], width))
-    bias = self.param("bias", nn.initializers.zeros, (width,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    x, kernel, bias = dense_params(self, x, self.parts * self.features)
     biased = self.biased or (True,) * self.parts
     return [x @ kernel[:, cut] + bias[cut] if add else x @ kernel[:, cut] for cut, add in zip(self._cuts(), biased)]
 

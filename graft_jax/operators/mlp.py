@@ -29,9 +29,7 @@ class DenseGELU(nn.Module):
   def __call__(self, x):
     if self.gelu_kernel not in GELU_KERNELS:
       raise ValueError(f"GELU kernel {self.gelu_kernel!r} is not one of {', '.join(GELU_KERNELS)}.")
-    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+    x, kernel, bias = init.dense_params(self, x, self.features)
     if self.gelu_kernel == "xla":
       return dense_gelu.reference(x, kernel, bias)
     shape = (math.prod(x.shape[:-1]), x.shape[-1], self.features, x.dtype)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import with_gelu_kernel, write_results
-from benchmarks.profile import kernel_times, summary
+from benchmarks.profile import call_profile
 from graft_jax import graft
 from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.timing import loop_ms, median_ms
@@ -88,7 +88,7 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   train = {"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, **ms,
            "img_per_s": batch_size / ms["ms"] * 1e3, "peak_mem_gb": peak_memory_gb()}
   if profile:
-    train["profile"] = summary(kernel_times(lambda: jax.block_until_ready(run())), top=40)
+    train["profile"] = call_profile(run, top=40)
   print(train, flush=True)
   if not forward:
     return [train]
@@ -98,7 +98,7 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, **fwd,
              "img_per_s": batch_size / fwd["ms"] * 1e3}
   if profile:
-    forward["profile"] = summary(kernel_times(lambda: jax.block_until_ready(run())), top=25)
+    forward["profile"] = call_profile(run, top=25)
   print(forward, flush=True)
   return [train, forward]
 

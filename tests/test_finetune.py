@@ -296,7 +296,7 @@ def lora_interceptor(factors, scale):
     if context.method_name == "__call__" and key + ("a",) in factors:
       delta = scale * (args[0] @ factors[key + ("a",)]) @ factors[key + ("b",)]
       if isinstance(context.module, FusedDense):  # a fused qkv returns its parts
-        return [part + d for part, d in zip(out, jnp.split(delta, context.module.parts, -1))]
+        return [part + d for part, d in zip(out, jnp.split(delta, np.cumsum(context.module.widths)[:-1], -1))]
       if isinstance(context.module, DenseGELU):  # fc1 returns its GELU: the delta enters before it
         p = context.module.variables["params"]
         return jax.nn.gelu(args[0] @ p["kernel"] + p["bias"] + delta, approximate=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from graft_jax import operators as ops
-from graft_jax.operators.hyena import causal_depthwise_conv
+from graft_jax.operators.hyena import CausalConv, causal_depthwise_conv
 
 KERNEL_SIZES = [1, 3, 4, 7]
 
@@ -53,6 +53,16 @@ def test_causal_conv_is_causal():
   changed = x.copy()
   changed[:, 6:] += 100.0
   np.testing.assert_array_equal(causal_depthwise_conv(changed, w, b)[:, :6], causal_depthwise_conv(x, w, b)[:, :6])
+
+
+def test_conv_module_of_parts_equals_the_conv_of_their_concatenation():
+  x, _, _ = _conv_case(4, c=7)
+  conv = CausalConv(4, name="conv1d")
+  params = conv.init(jax.random.key(0), jnp.asarray(x))
+  whole = conv.apply(params, x)
+  parts = conv.apply(params, x[..., :5], x[..., 5:])
+  assert isinstance(parts, tuple) and len(parts) == 2
+  np.testing.assert_array_equal(jnp.concatenate(parts, -1), whole)
 
 
 def _depthwise(channels, k):

@@ -16,11 +16,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def test_fused_dense_equals_one_dense():
   x = jax.random.normal(jax.random.key(0), (2, 5, 12))
-  fused = init.FusedDense(8, 3, name="qkv")
+  fused = init.FusedDense((8, 8, 8), name="qkv")
   params = fused.init(jax.random.key(1), x)
   assert jax.tree.all(jax.tree.map(jnp.array_equal, params, init.dense(24, "qkv").init(jax.random.key(1), x)))
   whole = init.dense(24, "qkv").apply(params, x)
   np.testing.assert_allclose(jnp.concatenate(fused.apply(params, x), -1), whole, atol=1e-6)
+
+
+def test_fused_dense_of_unequal_parts_without_bias_equals_one_dense():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+  fused = init.FusedDense((5, 8, 3), use_bias=False, name="in_proj")
+  params = fused.init(jax.random.key(1), x)
+  one = init.dense(16, "in_proj", use_bias=False)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, params, one.init(jax.random.key(1), x)))
+  parts = fused.apply(params, x)
+  assert [p.shape[-1] for p in parts] == [5, 8, 3]
+  np.testing.assert_allclose(jnp.concatenate(parts, -1), one.apply(params, x), atol=1e-6)
 
 
 def _tiny_dit_loss():

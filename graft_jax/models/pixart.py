@@ -58,7 +58,7 @@ class CrossAttention(nn.Module):
   def __call__(self, x, y, mask):
     b, n, d = x.shape
     q = init.dense(d, "q_linear")(x).reshape(b, n, self.num_heads, -1)
-    k, v = (u.reshape(b, y.shape[1], self.num_heads, -1) for u in init.FusedDense(d, 2, name="kv_linear")(y))
+    k, v = (u.reshape(b, y.shape[1], self.num_heads, -1) for u in init.FusedDense((d, d), name="kv_linear")(y))
     out = key_masked_attention(q, k, v, mask)
     return nn.Dense(d, kernel_init=zeros, name="proj")(out.reshape(b, n, d))
 

@@ -42,7 +42,7 @@ def project_heads(x: jax.Array, num_heads: int):
   2 x 2.55 ms of DiT-XL/2's 117 ms batch-256 forward on an H200.
   """
   b, n, d = x.shape
-  qkv = init.FusedDense(d, 3, biased=(True, False, False), name="qkv")
+  qkv = init.FusedDense((d,) * 3, biased=(True, False, False), name="qkv")
   heads = [y.reshape(b, n, num_heads, -1) for y in qkv(x)]
   return (*heads, qkv.part_bias(2))
 

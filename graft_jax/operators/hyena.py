@@ -78,18 +78,24 @@ class CausalConv(nn.Module):
   backend: str = "auto"
 
   @nn.compact
-  def __call__(self, x):
-    channels = x.shape[3 - self.axis]
+  def __call__(self, x, *more):
+    """The conv of x; with `more` arrays, x and they are one input split along C (in order), convolved part by part
+    and returned as a tuple, so the caller's split of the input has no concatenated gradient to build."""
+    parts = (x, *more)
+    widths = [part.shape[3 - self.axis] for part in parts]
     if self.identity_init:
       kernel_init, bias_init = _identity_taps, nn.initializers.zeros
     else:
       # PyTorch's Conv1d default for a depthwise filter: fan-in K for both kernel and bias.
       kernel_init = bias_init = _symmetric_uniform(1.0 / np.sqrt(self.kernel_size))
-    kernel = self.param("kernel", kernel_init, (self.kernel_size, channels))
-    bias = self.param("bias", bias_init, (channels,))
-    if conv_backend(self.backend, self.axis) == "pallas":
-      return causal_conv_pallas(x, kernel, bias)
-    return causal_depthwise_conv(x, kernel, bias, self.axis)
+    kernel = self.param("kernel", kernel_init, (self.kernel_size, sum(widths)))
+    bias = self.param("bias", bias_init, (sum(widths),))
+    pallas = conv_backend(self.backend, self.axis) == "pallas"
+    outs = []
+    for part, end, width in zip(parts, np.cumsum(widths), widths):
+      w, b = kernel[:, end - width:end], bias[end - width:end]
+      outs.append(causal_conv_pallas(part, w, b) if pallas else causal_depthwise_conv(part, w, b, self.axis))
+    return outs[0] if not more else tuple(outs)
 
 
 def _conv_from_torch(t, name):

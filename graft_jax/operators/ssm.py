@@ -214,10 +214,12 @@ class Mamba2(nn.Module):
     if d_inner % self.headdim:
       raise ValueError(f"d_inner {d_inner} is not divisible by headdim {self.headdim}")
     nheads = d_inner // self.headdim
-    zxbcdt = init.dense(2 * d_inner + 2 * self.d_state + nheads, "in_proj", use_bias=False)(u)
-    z, xbc, dt = jnp.split(zxbcdt, [d_inner, 2 * d_inner + 2 * self.d_state], axis=-1)
-    xbc = nn.silu(CausalConv(self.d_conv, name="conv1d")(xbc))
-    x, B, C = jnp.split(xbc, [d_inner, d_inner + self.d_state], axis=-1)
+    # in_proj's rows are (z, x, B, C, dt) and conv1d's channels (x, B, C), as in mamba_ssm; z and x, the wide
+    # parts, come out of their own matmuls and convs so that no gradient is concatenated across them.
+    z, x, bcdt = init.FusedDense((d_inner, d_inner, 2 * self.d_state + nheads), use_bias=False, name="in_proj")(u)
+    bc, dt = jnp.split(bcdt, [2 * self.d_state], axis=-1)
+    x, bc = (nn.silu(y) for y in CausalConv(self.d_conv, name="conv1d")(x, bc))
+    B, C = jnp.split(bc, 2, axis=-1)
     x = x.reshape(*x.shape[:2], nheads, self.headdim)
 
     dt_bias = self.param("dt_bias", _dt_bias_init, (nheads,))

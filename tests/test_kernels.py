@@ -1,5 +1,6 @@
 """Pallas kernels (TPU splash attention for SWA, the Hyena causal conv) in Pallas interpret mode on CPU, against the
-XLA paths the operators use elsewhere: forward and gradients within 1e-5 in float32; and which backend "auto" picks.
+XLA paths the operators use elsewhere: forward and gradients within 1e-5 in float32; which backend "auto" picks; and
+that under a sharded jit the causal conv and SSD kernels run on each device's batch shard.
 
 Interpret mode runs the kernels op by op in Python: the shapes here are the smallest that still cover several blocks,
 padding and the halo between tiles.
@@ -10,12 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from graft_jax import operators as ops
 from graft_jax.operators.attention import swa_backend, tiled_band_attention
 from graft_jax.operators.hyena import causal_depthwise_conv, conv_backend
 from graft_jax.operators.kernels.causal_conv import causal_conv_pallas
+from graft_jax.operators.kernels.ssd import ssd_diagonal_pallas
 from graft_jax.operators.kernels.splash import splash_band_attention
+from graft_jax.train.partition import BATCH_AXES, make_mesh
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -82,3 +86,29 @@ def test_backend_errors():
   x = jnp.zeros((1, 16, 8))
   with pytest.raises(ValueError, match="1-D"):
     ops.build("swa", 8, num_heads=2, grid=(4, 4), backend="splash").init(jax.random.key(0), x)
+
+
+def _sharded_matches_one_device(fn, batched, weights=()):
+  """fn's value and gradients with `batched` split over 8 devices (mesh 4 x 2) against one jit without shardings;
+  the per-device program must hold no gather and no whole-batch copy of the first operand."""
+  mesh = make_mesh({"data": 4, "fsdp": 2})
+  split, whole = NamedSharding(mesh, PartitionSpec(BATCH_AXES)), NamedSharding(mesh, PartitionSpec())
+  args = (*batched, *weights)
+  value_and_grads = lambda *a: (fn(*a), _grads(fn, *a))
+  sharded = jax.jit(value_and_grads, in_shardings=(split,) * len(batched) + (whole,) * len(weights))
+  hlo = sharded.lower(*args).compile().as_text()
+  assert "all-gather" not in hlo
+  assert f"f32[{','.join(map(str, batched[0].shape))}]" not in hlo
+  for got, want in zip(jax.tree.leaves(sharded(*args)), jax.tree.leaves(jax.jit(value_and_grads)(*args))):
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_causal_conv_kernel_runs_on_batch_shards():
+  x, w, b = _normal(5, (8, 24, 16), (4, 16), (16,))
+  _sharded_matches_one_device(lambda x, w, b: causal_conv_pallas(x, w, b, interpret=True, token_tile=8), [x], [w, b])
+
+
+def test_ssd_kernel_runs_on_batch_shards():
+  C, B, xdt = _normal(6, (8, 2, 16, 16), (8, 2, 16, 16), (8, 2, 16, 4, 16))
+  a = jnp.cumsum(-0.1 * jnp.abs(_normal(7, (8, 2, 16, 4))[0]), axis=2)
+  _sharded_matches_one_device(lambda *args: ssd_diagonal_pallas(*args, interpret=True), [C, B, a, xdt])

@@ -14,7 +14,7 @@ import numpy as np
 
 from graft_jax.operators import init
 from graft_jax.operators.hyena import CausalConv
-from graft_jax.operators.kernels import one_gpu, sixteen_bit
+from graft_jax.operators.kernels import sixteen_bit
 from graft_jax.operators.kernels import ssd as ssd_kernel
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
@@ -76,13 +76,13 @@ def _diagonal_xla(C, B, a, xdt):
 
 
 def _diagonal_term(kernel: str, C, B, a, xdt):
-  """`kernel` "auto" takes the fused Pallas kernel (kernels/ssd.py) on a single GPU for 16-bit inputs of shapes it
-  tiles, else XLA."""
+  """`kernel` "auto" takes the fused Pallas kernel (kernels/ssd.py) on GPUs (under a sharded jit it runs on each
+  device's batch shard) for 16-bit inputs of shapes it tiles, else XLA."""
   if kernel not in SSD_KERNELS:
     raise ValueError(f"SSD kernel {kernel!r} is not one of {', '.join(SSD_KERNELS)}.")
   if kernel == "auto":
     fits = ssd_kernel.supported(C.shape[2], C.shape[3], xdt.shape[-1])
-    kernel = "pallas" if one_gpu() and sixteen_bit(xdt.dtype) and fits else "xla"
+    kernel = "pallas" if jax.default_backend() == "gpu" and sixteen_bit(xdt.dtype) and fits else "xla"
   if kernel == "pallas":
     return ssd_kernel.ssd_diagonal_pallas(C, B, a, xdt)
   return _diagonal_xla(C, B, a, xdt)

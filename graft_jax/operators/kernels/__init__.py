@@ -9,8 +9,12 @@ tests check that it lowers and that differentiated calls take its XLA rule; its 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def sixteen_bit(dtype) -> bool:
@@ -19,5 +23,46 @@ def sixteen_bit(dtype) -> bool:
 
 
 def one_gpu() -> bool:
-  """A single GPU: the kernels have no sharding rule, so under a sharded jit they would replicate their operands."""
+  """A single GPU: for a kernel without a sharding rule (dense_gelu), which under a sharded jit would have its
+  operands gathered onto every device."""
   return jax.default_backend() == "gpu" and jax.device_count() == 1
+
+
+def batch_partitioned(fn: Callable, replicated: tuple[int, ...] = ()) -> Callable:
+  """fn (a Pallas call) as an op the SPMD partitioner runs on each device's share of the batch.
+
+  Every operand but those at `replicated` (weights) and every result of fn has the batch on axis 0, and fn maps
+  batch entries independently. A Pallas call has no sharding rule of its own, so under a sharded jit XLA would
+  gather its operands and run the whole batch on every device; this keeps the batch axis sharded as the first
+  batched operand's is (replicating the other axes and the `replicated` operands) and calls fn on the shards. On
+  one device fn is simply inlined.
+  """
+  op = custom_partitioning(fn)
+
+  def shardings(mesh, arg_shapes, result_shape):
+    spec = next(shape.sharding.spec for i, shape in enumerate(arg_shapes) if i not in replicated)
+    batch = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
+    args = tuple(NamedSharding(mesh, PartitionSpec()) if i in replicated else batch for i in range(len(arg_shapes)))
+    return args, jax.tree.map(lambda _: batch, result_shape)
+
+  def partition(mesh, arg_shapes, result_shape):
+    args, results = shardings(mesh, arg_shapes, result_shape)
+    return mesh, fn, results, args
+
+  def sharding_rule(mesh, operand_types, result_types):
+    # Shardy's rule: factor "b" is the batch; every other dimension is its own factor, kept unsharded.
+    kept = []
+
+    def factors(prefix, rank, batched):
+      names = [f"{prefix}{d}" for d in range(rank)]
+      if batched:
+        names[0] = "b"
+      kept.extend(name for name in names if name != "b")
+      return " ".join(names)
+    operands = ", ".join(factors(f"i{i}_", len(t.shape), i not in replicated) for i, t in enumerate(operand_types))
+    results = ", ".join(factors(f"o{i}_", len(t.shape), True) for i, t in enumerate(result_types))
+    return f"{operands} -> {results}", {"need_replication_factors": tuple(kept)}
+
+  op.def_partition(partition=partition, sharding_rule=sharding_rule,
+                   infer_sharding_from_operands=lambda mesh, args, result: shardings(mesh, args, result)[1])
+  return op

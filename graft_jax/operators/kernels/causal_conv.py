@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from graft_jax.operators.kernels import batch_partitioned
+
 LANES = 128  # a channel tile is 128 wide (TPU lanes) when the channels divide into them, else all channels
 TOKEN_TILE = 512
 
@@ -37,7 +39,7 @@ def _conv_tile(x_ref, halo_ref, w_ref, b_ref, o_ref):
 
 
 def _forward(x, w, b, interpret: bool, token_tile: int):
-  batch, length, channels = x.shape
+  length, channels = x.shape[1:]
   taps = w.shape[0]
   halo = _round_up(max(taps - 1, 1), 8)  # sublane-aligned halo block
   tile = _round_up(min(token_tile, length), halo)
@@ -45,20 +47,23 @@ def _forward(x, w, b, interpret: bool, token_tile: int):
   # Left padding makes the conv causal; the right padding gives the last tile its halo block.
   xp = jnp.pad(x, ((0, 0), (taps - 1, tiles * tile + halo - length - taps + 1), (0, 0)))
   cb = LANES if channels % LANES == 0 else channels
-  out = pl.pallas_call(
-      _conv_tile,
-      grid=(batch, tiles, channels // cb),
-      in_specs=[
-          pl.BlockSpec((None, tile, cb), lambda i, t, c: (i, t, c)),
-          # Block indices count in units of the block: tile t + 1 starts at block (t + 1) * tile / halo.
-          pl.BlockSpec((None, halo, cb), lambda i, t, c: (i, (t + 1) * (tile // halo), c)),
-          pl.BlockSpec((taps, cb), lambda i, t, c: (0, c)),
-          pl.BlockSpec((1, cb), lambda i, t, c: (0, c)),
-      ],
-      out_specs=pl.BlockSpec((None, tile, cb), lambda i, t, c: (i, t, c)),
-      out_shape=jax.ShapeDtypeStruct((batch, tiles * tile, channels), x.dtype),
-      interpret=interpret,
-  )(xp, xp, w, b.reshape(1, channels))
+
+  def call(xp, halo_source, w, b):  # sized by its operands: under a sharded jit, one device's batch shard
+    return pl.pallas_call(
+        _conv_tile,
+        grid=(xp.shape[0], tiles, channels // cb),
+        in_specs=[
+            pl.BlockSpec((None, tile, cb), lambda i, t, c: (i, t, c)),
+            # Block indices count in units of the block: tile t + 1 starts at block (t + 1) * tile / halo.
+            pl.BlockSpec((None, halo, cb), lambda i, t, c: (i, (t + 1) * (tile // halo), c)),
+            pl.BlockSpec((taps, cb), lambda i, t, c: (0, c)),
+            pl.BlockSpec((1, cb), lambda i, t, c: (0, c)),
+        ],
+        out_specs=pl.BlockSpec((None, tile, cb), lambda i, t, c: (i, t, c)),
+        out_shape=jax.ShapeDtypeStruct((xp.shape[0], tiles * tile, channels), x.dtype),
+        interpret=interpret,
+    )(xp, halo_source, w, b)
+  out = batch_partitioned(call, replicated=(2, 3))(xp, xp, w, b.reshape(1, channels))
   return out[:, :length]
 
 

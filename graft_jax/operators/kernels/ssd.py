@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from graft_jax.operators.kernels import batch_partitioned
 from graft_jax.operators.matmul import einsum_f32
 
 _F32 = jnp.float32
@@ -91,22 +92,24 @@ def _block_specs(l: int, s: int, p: int, hb: int) -> dict[str, pl.BlockSpec]:
 def _call(kernel, C, B, a, xdt, extra_features, outputs, interpret):
   """Runs `kernel` over (batch, chunk, head block) on C, B, a, a^T, xdt (and `extra_features` laid out as xdt);
   `outputs` lists (dtype, layout name) pairs."""
-  b, c, l, s = C.shape
   h, p = xdt.shape[-2:]
   hb = _head_block(h)
-  specs = _block_specs(l, s, p, hb)
-  shapes = {"features": (b, c, l, h * p), "per_head": (b, c, h, l), "partial_cb": (b, c, h // hb, l, l)}
-  flat = lambda u: u.reshape(b, c, l, h * p)
-  return pl.pallas_call(
-      functools.partial(kernel, heads=hb, width=p),
-      grid=(b, c, h // hb),
-      in_specs=[specs[k] for k in ("chunk", "chunk", "a", "per_head", "features")] + [specs["features"]] * len(
-          extra_features),
-      out_specs=[specs[layout] for _, layout in outputs],
-      out_shape=[jax.ShapeDtypeStruct(shapes[layout], dtype) for dtype, layout in outputs],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
-  )(C, B, a, jnp.swapaxes(a, 2, 3), flat(xdt), *map(flat, extra_features))
+  flat = lambda u: u.reshape(*u.shape[:3], h * p)
+
+  def call(C, B, a, at, *features):  # sized by its operands: under a sharded jit, one device's batch shard
+    b, c, l, s = C.shape
+    specs = _block_specs(l, s, p, hb)
+    shapes = {"features": (b, c, l, h * p), "per_head": (b, c, h, l), "partial_cb": (b, c, h // hb, l, l)}
+    return pl.pallas_call(
+        functools.partial(kernel, heads=hb, width=p),
+        grid=(b, c, h // hb),
+        in_specs=[specs[k] for k in ("chunk", "chunk", "a", "per_head")] + [specs["features"]] * len(features),
+        out_specs=[specs[layout] for _, layout in outputs],
+        out_shape=[jax.ShapeDtypeStruct(shapes[layout], dtype) for dtype, layout in outputs],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+    )(C, B, a, at, *features)
+  return batch_partitioned(call)(C, B, a, jnp.swapaxes(a, 2, 3), flat(xdt), *map(flat, extra_features))
 
 
 def _forward(C, B, a, xdt, interpret):

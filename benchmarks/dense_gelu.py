@@ -48,7 +48,7 @@ def main():
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   if not dense_gelu.supported(max(SHAPES.values()), WIDTH, HIDDEN, jnp.bfloat16):
-    raise SystemExit("benchmarks/dense_gelu.py needs one Hopper GPU (the kernel is wgmma, sm_90).")
+    raise SystemExit("benchmarks/dense_gelu.py needs a Hopper GPU (the kernel is wgmma, sm_90).")
   rows = [{"shape": name, **bench(tokens)} for name, tokens in SHAPES.items()]
   print(write_results("dense_gelu", rows, {"dtype": "bfloat16"}, args.out))
 

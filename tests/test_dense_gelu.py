@@ -73,3 +73,28 @@ def test_benchmarks_switch_every_mlp():
   cfg = with_gelu_kernel(dit_config("DiT-S/2", depth=3), "auto")
   assert {layer.mlp.config["gelu_kernel"] for layer in cfg.layers} == {"auto"}
   assert {layer.attn for layer in cfg.layers} == {dit_config("DiT-S/2").layers[0].attn}
+
+
+def test_sharded_call_runs_on_each_devices_rows(monkeypatch):
+  """Under a sharded jit the kernel call sees one device's rows (here the XLA composition stands in for it, since
+  the kernel cannot run on a CPU); a shard whose rows do not fill whole tiles takes the composition itself."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from graft_jax.train.partition import BATCH_AXES, make_mesh
+  seen = []
+
+  def kernel_call(x, kernel, bias, tiles, num_sms):
+    seen.append(x.shape)
+    return dense_gelu.reference(x, kernel, bias)
+  monkeypatch.setattr(dense_gelu, "_kernel_call", kernel_call)
+  mesh = make_mesh({"data": 4, "fsdp": 2})
+  rows, whole = NamedSharding(mesh, PartitionSpec(BATCH_AXES)), NamedSharding(mesh, PartitionSpec())
+  w = jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(2), (256,), jnp.bfloat16)
+  for tokens, calls in ((8 * 128, [(128, 64)]), (8 * 64, [])):
+    seen.clear()
+    x = jax.random.normal(jax.random.key(0), (tokens, 64), jnp.bfloat16)
+    fn = jax.jit(lambda x, w, b: dense_gelu.dense_gelu(x, w, b, num_sms=4), in_shardings=(rows, whole, whole))
+    assert "all-gather" not in fn.lower(x, w, b).compile().as_text()
+    np.testing.assert_array_equal(fn(x, w, b), jax.jit(dense_gelu.reference)(x, w, b))
+    # (The whole batch is also traced once, for the op's output shapes.)
+    assert [shape for shape in seen if shape[0] < tokens] == calls

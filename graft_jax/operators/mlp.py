@@ -21,7 +21,7 @@ class DenseGELU(nn.Module):
   """fc1 and its tanh GELU: a Dense's parameters and initialisation (xavier-uniform kernel, zero bias), applied by
   XLA or by the fused Hopper kernel (`kernels/dense_gelu.py`, forward only). `gelu_kernel` "mosaic" takes the kernel
   wherever the inputs fit it (16-bit, whole tiles; float32 calls such as init stay on XLA), "auto" only where it
-  is also `supported` (one Hopper GPU), "xla" never."""
+  is also `supported` (Hopper GPUs), "xla" never."""
   features: int
   gelu_kernel: str = "auto"
 
@@ -43,7 +43,7 @@ class MLP(nn.Module):
   """Linear D -> rD, GELU (tanh approximation, as DiT), Linear rD -> D."""
   dim: int
   ratio: float = 4.0
-  # One of GELU_KERNELS. "auto": the fused kernel in undifferentiated forwards on one Hopper GPU, XLA elsewhere
+  # One of GELU_KERNELS. "auto": the fused kernel in undifferentiated forwards on Hopper GPUs, XLA elsewhere
   # (the kernel's whole-model effect: benchmarks/results/dit_xl2.json and pixart.json).
   gelu_kernel: str = "auto"
 

@@ -5,8 +5,8 @@ The TPU kernels (causal_conv, splash) and the Triton one (ssd) run on CPU throug
 (`interpret=True`), which is how the tests check their numerics; the TPU ones have not been compiled or timed on TPU
 hardware yet, ssd has, on an H200. The Mosaic GPU one (dense_gelu, Hopper wgmma) has no interpret mode here: the
 tests check that it lowers and that differentiated calls take its XLA rule; its numbers come from the H200
-(benchmarks/dense_gelu.py). Under a sharded jit, causal_conv and ssd run on each device's batch shard
-(`batch_partitioned`); splash and dense_gelu have no sharding rule yet.
+(benchmarks/dense_gelu.py). Under a sharded jit, causal_conv, ssd and dense_gelu run on each device's batch
+shard (`batch_partitioned`); splash has no sharding rule yet.
 """
 from __future__ import annotations
 
@@ -21,12 +21,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 def sixteen_bit(dtype) -> bool:
   """The fused GPU paths (cuDNN attention and these kernels) take bf16 or fp16 operands only."""
   return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-
-
-def one_gpu() -> bool:
-  """A single GPU: for a kernel without a sharding rule (dense_gelu), which under a sharded jit would have its
-  operands gathered onto every device."""
-  return jax.default_backend() == "gpu" and jax.device_count() == 1
 
 
 def batch_partitioned(fn: Callable, replicated: tuple[int, ...] = ()) -> Callable:

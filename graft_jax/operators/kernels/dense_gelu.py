@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from graft_jax.operators.kernels import one_gpu, sixteen_bit
+from graft_jax.operators.kernels import batch_partitioned, sixteen_bit
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -55,8 +55,8 @@ def fits(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
 
 
 def supported(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
-  """`fits`, on one Hopper GPU (`kernels.one_gpu`): wgmma is sm_90 only."""
-  if not one_gpu():
+  """`fits`, on Hopper GPUs: wgmma is sm_90 only."""
+  if jax.default_backend() != "gpu":
     return False
   hopper = getattr(jax.devices()[0], "compute_capability", "").startswith("9")
   return hopper and fits(m, k, n, dtype, tiles)
@@ -128,9 +128,19 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
       thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(x, kernel, bias)
 
 
+def _sharded_call(x, kernel, bias, tiles: Tiles, num_sms: int):
+  """The kernel on each device's rows of x under a sharded jit (the weights whole on every device). A shard whose
+  rows do not fill whole tiles takes the XLA composition instead: `supported` saw only the global shape."""
+  def call(x, kernel, bias):
+    if fits(*x.shape, kernel.shape[1], x.dtype, tiles):
+      return _kernel_call(x, kernel, bias, tiles, num_sms)
+    return reference(x, kernel, bias)
+  return batch_partitioned(call, replicated=(1, 2))(x, kernel, bias)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _fused(x, kernel, bias, tiles, num_sms):
-  return _kernel_call(x, kernel, bias, tiles, num_sms)
+  return _sharded_call(x, kernel, bias, tiles, num_sms)
 
 
 def _fused_fwd(x, kernel, bias, tiles, num_sms):

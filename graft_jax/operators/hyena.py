@@ -92,8 +92,8 @@ class CausalConv(nn.Module):
     bias = self.param("bias", bias_init, (sum(widths),))
     pallas = conv_backend(self.backend, self.axis) == "pallas"
     outs = []
-    for part, end, width in zip(parts, np.cumsum(widths), widths):
-      w, b = kernel[:, end - width:end], bias[end - width:end]
+    for part, cut in zip(parts, init.cuts(widths)):
+      w, b = kernel[:, cut], bias[cut]
       outs.append(causal_conv_pallas(part, w, b) if pallas else causal_depthwise_conv(part, w, b, self.axis))
     return outs[0] if not more else tuple(outs)
 

@@ -14,6 +14,12 @@ def dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
                   bias_init=nn.initializers.zeros)
 
 
+def cuts(widths) -> list[slice]:
+  """The consecutive slices of an axis stored as parts of these widths, in order."""
+  ends = np.cumsum(widths)
+  return [slice(int(end) - width, int(end)) for width, end in zip(widths, ends)]
+
+
 def dense_params(module: nn.Module, x: jax.Array, features: int, use_bias: bool = True):
   """x, kernel and bias (None without one) of a Linear declared inside `module` (nn.Dense's parameter names, DiT's
   initialisation), promoted to one dtype as nn.Dense does: for modules that apply a Dense's weights their own way."""
@@ -36,19 +42,16 @@ class FusedDense(nn.Module):
   biased: tuple[bool, ...] | None = None
   use_bias: bool = True
 
-  def _cuts(self):
-    ends = np.cumsum(self.widths)
-    return [slice(end - width, end) for width, end in zip(self.widths, ends)]
-
   @nn.compact
   def __call__(self, x) -> list[jax.Array]:
     x, kernel, bias = dense_params(self, x, sum(self.widths), self.use_bias)
     biased = self.biased or (self.use_bias,) * len(self.widths)
-    return [x @ kernel[:, cut] + bias[cut] if add else x @ kernel[:, cut] for cut, add in zip(self._cuts(), biased)]
+    slices = cuts(self.widths)
+    return [x @ kernel[:, cut] + bias[cut] if add else x @ kernel[:, cut] for cut, add in zip(slices, biased)]
 
   def part_bias(self, part: int) -> jax.Array:
     """The stored bias of output `part` (after the module has been called)."""
-    return self.variables["params"]["bias"][self._cuts()[part]]
+    return self.variables["params"]["bias"][cuts(self.widths)[part]]
 
 
 def dense_from_torch(tensors: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

@@ -20,9 +20,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE_PROMPTS = ROOT / "configs" / "prompts" / "pixart_sample_prompts.txt"
 # The paper's list (15 layers by its text; the list names 14): Hyena-X in the self-attention of these layers.
 PAPER_LAYERS = [8, 10, 12, 14, 16, 18] + list(range(20, 28))
-# Every Dense kernel of a block: self-attention (mha's qkv/proj, or a scion's in_proj/out_proj), cross-attention,
+# Every Dense kernel of a block: self-attention (mha's q/k/v/proj, or a scion's in_proj/out_proj), cross-attention,
 # MLP. Hyena's short filters are 2-D "kernel"s too, but convolution taps, so they are named out, not matched.
-PIXART_LORA_TARGETS = (r"blocks_\d+/attn/(qkv|proj|in_proj|out_proj)/",
+PIXART_LORA_TARGETS = (r"blocks_\d+/attn/(q|k|v|proj|in_proj|out_proj)/",
                        r"blocks_\d+/cross_attn/(q_linear|kv_linear|proj)/", r"blocks_\d+/mlp/(fc1|fc2)/")
 
 

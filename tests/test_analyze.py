@@ -45,43 +45,43 @@ def test_uniform_attention_has_the_closed_form_locality():
 
 
 def test_attention_probs_are_the_matrix_mha_applies():
-  """softmax(q k^T) from the operator's input and its qkv params, applied to v and projected, gives the module's own
+  """softmax(q k^T) from the operator's input and its q, k params, applied to v and projected, gives the module's own
   output: the parameter names and the head split match MultiHeadAttention."""
   dim, heads, n = 16, 2, 12
   module = MultiHeadAttention(dim, num_heads=heads, backend="xla")
   x = jax.random.normal(jax.random.key(0), (2, n, dim))
   params = module.init(jax.random.key(1), x)["params"]
-  probs = locality.attention_probs(x, params["qkv"], heads)
+  probs = locality.attention_probs(x, params, heads)
   assert probs.shape == (2, heads, n, n)
-  v = (x @ params["qkv"]["kernel"] + params["qkv"]["bias"]).reshape(2, n, 3, heads, -1)[:, :, 2]
+  v = (x @ params["v"]["kernel"] + params["v"]["bias"]).reshape(2, n, heads, -1)
   y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(2, n, dim)
   want = module.apply({"params": params}, x)
   np.testing.assert_allclose(y @ params["proj"]["kernel"] + params["proj"]["bias"], want, atol=1e-5)
 
 
-def hand_built_qkv(n: int, sharpness: float) -> tuple[jax.Array, dict]:
+def hand_built_attention(n: int, sharpness: float) -> tuple[jax.Array, dict]:
   """One head on n tokens whose logits are -sharpness * (i - j)^2 * sqrt(d): q_i = [2i, -i^2, 1] and
-  k_j = [j, 1, -j^2] give q_i . k_j = -(i - j)^2. Token i's input is [i, i^2, 1]; the qkv kernel maps it."""
+  k_j = [j, 1, -j^2] give q_i . k_j = -(i - j)^2. Token i's input is [i, i^2, 1]; the q and k kernels map it."""
   pos = np.arange(n, dtype=np.float64)
   x = np.stack([pos, pos ** 2, np.ones(n)], -1)[None]  # (1, n, 3)
   d = 3
   c = sharpness * np.sqrt(d)
   wq = c * np.array([[2, 0, 0], [0, -1, 0], [0, 0, 1]], np.float64)  # rows: input features; cols: q features
   wk = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], np.float64)
-  kernel = np.concatenate([wq, wk, np.zeros((d, d))], axis=1)
-  return jnp.asarray(x, jnp.float32), {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.zeros(3 * d)}
+  linear = lambda w: {"kernel": jnp.asarray(w, jnp.float32), "bias": jnp.zeros(d)}
+  return jnp.asarray(x, jnp.float32), {"q": linear(wq), "k": linear(wk)}
 
 
 def test_locality_of_hand_built_attention():
   n = 16
-  x, qkv = hand_built_qkv(n, sharpness=50.0)  # so sharp that each token attends only to itself
-  probs = locality.attention_probs(x, qkv, 1)
+  x, attn = hand_built_attention(n, sharpness=50.0)  # so sharp that each token attends only to itself
+  probs = locality.attention_probs(x, attn, 1)
   np.testing.assert_allclose(np.asarray(probs[0, 0]), np.eye(n), atol=1e-6)
   masks = jnp.asarray(locality.band_masks(n, (0, 1, 4), "flat"))
   np.testing.assert_allclose(locality.band_mass(probs, masks)[0, 0], [1.0, 1.0, 1.0], atol=1e-6)
 
-  x, qkv = hand_built_qkv(n, sharpness=0.3)  # a soft Gaussian band: mass leaks past k = 0 and 1
-  probs = np.asarray(locality.attention_probs(x, qkv, 1)[0, 0], np.float64)
+  x, attn = hand_built_attention(n, sharpness=0.3)  # a soft Gaussian band: mass leaks past k = 0 and 1
+  probs = np.asarray(locality.attention_probs(x, attn, 1)[0, 0], np.float64)
   d2 = (np.arange(n)[:, None] - np.arange(n)[None, :]) ** 2
   want = np.exp(-0.3 * d2) / np.exp(-0.3 * d2).sum(-1, keepdims=True)
   np.testing.assert_allclose(probs, want, atol=1e-4)

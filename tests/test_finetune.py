@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config
-from graft_jax.operators.init import FusedDense
+from graft_jax.operators.init import DeferredBias
 from graft_jax.operators.mlp import DenseGELU
 from graft_jax.train import finetune, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
@@ -253,8 +253,8 @@ def test_ema_follows_dit_update(dit, arrays):
   assert max_abs_diff(emas[2], expected2) < 1e-6
 
 
-LORA_TARGETS = {(f"blocks_{i}", site, name, "kernel") for i in (0, 1) for site, name in (("attn", "qkv"),
-                                                                                          ("mlp", "fc1"))}
+LORA_TARGETS = {(f"blocks_{i}", site, name, "kernel") for i in (0, 1)
+                for site, name in (("attn", "q"), ("attn", "k"), ("attn", "v"), ("mlp", "fc1"))}
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def lora_run(dit, arrays, tmp_path_factory):
   _, params = dit
   model = DiT(tiny_dit(class_dropout_prob=0.5))
   cfg = config(steps=3, checkpoint_every=3, compute_dtype="bfloat16", loss="diffusion+teacher", teacher_weight=0.5,
-               lora_rank=2, lora_alpha=4.0, lora_targets=(r"attn/qkv", r"mlp/fc1"))
+               lora_rank=2, lora_alpha=4.0, lora_targets=(r"attn/(q|k|v)/", r"mlp/fc1"))
   workdir = tmp_path_factory.mktemp("lora")
   result = finetune.run_finetune(cfg, model, params, ArrayIterator(arrays, BATCH), workdir, teacher=(model, params),
                                  mesh=one_device())
@@ -295,8 +295,8 @@ def lora_interceptor(factors, scale):
     key = tuple(context.module.path) + ("kernel",)
     if context.method_name == "__call__" and key + ("a",) in factors:
       delta = scale * (args[0] @ factors[key + ("a",)]) @ factors[key + ("b",)]
-      if isinstance(context.module, FusedDense):  # a fused qkv returns its parts
-        return [part + d for part, d in zip(out, jnp.split(delta, np.cumsum(context.module.widths)[:-1], -1))]
+      if isinstance(context.module, DeferredBias):  # k and v return x @ kernel and their bias
+        return out[0] + delta, out[1]
       if isinstance(context.module, DenseGELU):  # fc1 returns its GELU: the delta enters before it
         p = context.module.variables["params"]
         return jax.nn.gelu(args[0] @ p["kernel"] + p["bias"] + delta, approximate=True)
@@ -313,7 +313,7 @@ def test_lora_trains_only_factors_and_merges_on_export(lora_run, dit):
   assert_trees_equal(host(state["params"]), params)
   factors = traverse_util.flatten_dict(host(state["lora"]))
   assert {key[:-1] for key in factors} == LORA_TARGETS
-  assert factors[("blocks_0", "attn", "qkv", "kernel", "a")].shape == (32, 2)
+  assert factors[("blocks_0", "attn", "q", "kernel", "a")].shape == (32, 2)
   assert all(np.abs(value).max() > 0 for key, value in factors.items() if key[-1] == "b")
   assert jax.tree.structure(state["opt_state"][1][0].mu) == jax.tree.structure(state["lora"])
 

@@ -77,7 +77,7 @@ def test_surgery_replaces_only_planned_subtrees():
     same = jax.tree.map(np.array_equal, new[f"blocks_{i}"]["adaLN_modulation"], params[f"blocks_{i}"]["adaLN_modulation"])
     assert all(jax.tree.leaves(same))
   assert new["blocks_2"]["attn"] is params["blocks_2"]["attn"]
-  assert not np.array_equal(new["blocks_1"]["attn"]["qkv"]["kernel"], params["blocks_1"]["attn"]["qkv"]["kernel"])
+  assert not np.array_equal(new["blocks_1"]["attn"]["q"]["kernel"], params["blocks_1"]["attn"]["q"]["kernel"])
   x = jnp.zeros((2, 8, 8, 4))
   assert DiT(student).apply({"params": new}, x, jnp.array([1, 2]), jnp.array([1, 2])).shape == (2, 8, 8, 8)
 
@@ -127,7 +127,7 @@ def test_self_grafting_mha_distils_under_5_percent(tmp_path):
   assert (tmp_path / "metrics" / "metrics.jsonl").exists()
   out = distill.save_scions(tmp_path / "stage1", scions, errors)
   loaded = distill.load_scions(out)
-  np.testing.assert_array_equal(loaded["blocks_1"]["attn"]["qkv"]["kernel"], scions["blocks_1"]["attn"]["qkv"]["kernel"])
+  np.testing.assert_array_equal(loaded["blocks_1"]["attn"]["q"]["kernel"], scions["blocks_1"]["attn"]["q"]["kernel"])
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):

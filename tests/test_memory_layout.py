@@ -1,5 +1,5 @@
-"""Choices made for memory, layout and precision, not maths: the fused qkv Linear applied as three matmuls equals
-one Dense, remat policies give the gradients of no remat, and bf16 operators keep their backward matmuls in bf16."""
+"""Choices made for memory, layout and precision, not maths: a fused Linear applied part by part equals one Dense,
+attention's separate q, k, v Linears start as PyTorch's fused one, remat policies give the gradients of no remat, and bf16 operators keep their backward matmuls in bf16."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +32,19 @@ def test_fused_dense_of_unequal_parts_without_bias_equals_one_dense():
   parts = fused.apply(params, x)
   assert [p.shape[-1] for p in parts] == [5, 8, 3]
   np.testing.assert_allclose(jnp.concatenate(parts, -1), one.apply(params, x), atol=1e-6)
+
+
+def test_attention_projections_start_as_one_fused_xavier_matrix():
+  """PyTorch initialises DiT's (3D, D) qkv Linear xavier-uniform as one matrix, bound sqrt(6 / (D + 3D)); each of
+  the separately stored q, k, v kernels is drawn with that bound (not its own, sqrt(6 / 2D)), biases zero."""
+  d = 256
+  params = operators.build("mha", d, num_heads=4).init(jax.random.key(0), jnp.zeros((1, 2, d)))["params"]
+  bound = np.sqrt(6 / (4 * d))
+  for name in "qkv":
+    kernel = np.asarray(params[name]["kernel"])
+    assert kernel.shape == (d, d) and not params[name]["bias"].any()
+    assert bound * 0.99 < np.abs(kernel).max() <= bound
+    np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.01)
 
 
 def _tiny_dit_loss():

@@ -40,7 +40,7 @@ def test_config_is_the_papers_plan_and_lora_finds_pixart_kernels():
   student = graft.student_config(teacher, graft.parse_plan(small.graft, teacher))
   params = init_params(student, jax.random.key(0))
   found = {"/".join(p[1:-1]) for p in train_state.lora_targets(params, c.finetune.lora_targets)}
-  assert found == {"attn/qkv", "attn/proj", "attn/in_proj", "attn/out_proj", "cross_attn/q_linear",
+  assert found == {"attn/q", "attn/k", "attn/v", "attn/proj", "attn/in_proj", "attn/out_proj", "cross_attn/q_linear",
                    "cross_attn/kv_linear", "cross_attn/proj", "mlp/fc1", "mlp/fc2"}  # no Hyena conv taps
 
 

@@ -3,7 +3,7 @@ activations are, measured on the teacher's own sampling trajectories (the paper'
 
 The teacher samples `analyze.samples` images with DDIM (`analyze.steps` steps, CFG `analyze.cfg_scale`); at
 `analyze.timesteps` evenly spaced steps of every trajectory the conditional pass runs once more with its
-intermediates sown. From each MHA layer's operator input ("attn_in") and its qkv weights the attention matrices are
+intermediates sown. From each MHA layer's operator input ("attn_in") and its q and k weights the attention matrices are
 recomputed (the fused attention kernel never materialises them) and reduced to L_k (graft_jax.evaluation.locality)
 for every band in `analyze.bands`; each block's input ("block_in") and attention output ("attn_out") give variance,
 max |x| and the share of entries beyond `analyze.outlier_sigma` standard deviations. The most local layers at
@@ -76,7 +76,7 @@ def make_layer_stats(model, bands, distance: str, sigma: float):
     _, state = model.apply({"params": params}, x, t, y, mutable=["intermediates"])
     inter = state["intermediates"]
     out = {"locality": {i: locality.band_mass(locality.attention_probs(
-        inter[f"blocks_{i}"]["attn_in"][0], params[f"blocks_{i}"]["attn"]["qkv"], h), masks) for i, h in heads.items()}}
+        inter[f"blocks_{i}"]["attn_in"][0], params[f"blocks_{i}"]["attn"], h), masks) for i, h in heads.items()}}
     for name in ACTIVATIONS:
       out[name] = {i: activation_stats(inter[f"blocks_{i}"][name][0], sigma) for i in range(cfg.depth)}
     return out

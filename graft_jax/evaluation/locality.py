@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax.operators.attention import split_heads
 
 DISTANCES = ("flat", "grid")
 
@@ -45,11 +44,13 @@ def band_mass(probs: jax.Array, masks: jax.Array) -> jax.Array:
   return jnp.einsum("...qk,bqk->...b", probs.astype(jnp.float32), masks, precision="highest") / n
 
 
-def attention_probs(x: jax.Array, qkv: dict, num_heads: int) -> jax.Array:
+def attention_probs(x: jax.Array, attn: dict, num_heads: int) -> jax.Array:
   """softmax(q k^T / sqrt(d)) per head, (B, H, N, N) in float32, from an MHA operator's input x (B, N, D) and its
-  fused qkv Dense params: the matrix `MultiHeadAttention` applies to v (it never materialises it)."""
-  h = jnp.einsum("bnd,de->bne", x.astype(jnp.float32), qkv["kernel"].astype(jnp.float32), precision="highest")
-  q, k, _ = split_heads(h + qkv["bias"].astype(jnp.float32), num_heads)
+  params (its q and k Linears): the matrix `MultiHeadAttention` applies to v (it never materialises it)."""
+  def heads(name):
+    h = jnp.einsum("bnd,de->bne", x.astype(jnp.float32), attn[name]["kernel"].astype(jnp.float32), precision="highest")
+    return (h + attn[name]["bias"].astype(jnp.float32)).reshape(*x.shape[:2], num_heads, -1)
+  q, k = heads("q"), heads("k")
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(q.shape[-1])
   return jax.nn.softmax(logits, axis=-1)
 

@@ -24,27 +24,23 @@ def attention_backend(requested: str, dtype) -> str:
   return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit(dtype) else "xla"
 
 
-def split_heads(qkv: jax.Array, num_heads: int):
-  """(B, N, 3D) fused [q; k; v] with heads contiguous in each -> three (B, N, H, D/H)."""
-  b, n, _ = qkv.shape
-  q, k, v = jnp.split(qkv.reshape(b, n, 3, num_heads, -1), 3, axis=2)
-  return q[:, :, 0], k[:, :, 0], v[:, :, 0]
-
-
 def project_heads(x: jax.Array, num_heads: int):
-  """DiT's fused qkv Linear (submodule "qkv") on (B, N, D) -> q, k, v, each (B, N, H, D/H) and contiguous, and v's
-  bias for `project_out`.
+  """The q, k, v Linears (submodules "q", "k", "v", each (D, D) with a bias; PyTorch's fused qkv Linear split, and
+  initialised as that one matrix is) on (B, N, D) -> q, k, v, each (B, N, H, D/H), and v's bias for `project_out`.
 
-  Only q gets its bias here. k's bias adds q_i . b_k to every logit of query i, which softmax cancels; v's bias adds
-  b_v to every output row because each row's softmax weights sum to one, so `project_out` adds b_v W_o to the
-  output bias instead. Both hold for any softmax attention over these keys (full, windowed, masked), and XLA runs
-  each bias add as its own pass over a (tokens, D) output (cuBLAS's bias epilogue is not used for these slices):
-  2 x 2.55 ms of DiT-XL/2's 117 ms batch-256 forward on an H200.
+  Only q gets its bias here, and as a whole parameter of its own, which XLA adds in cuBLAS's matmul epilogue (from a
+  slice of a fused (D, 3D) parameter it did not: each bias add was then its own pass over a (tokens, D) output,
+  2.55 ms of DiT-XL/2's 117 ms batch-256 forward on an H200). k's bias adds q_i . b_k to every logit of query i,
+  which softmax cancels; v's bias adds b_v to every output row because each row's softmax weights sum to one, so
+  `project_out` adds b_v W_o to the output bias instead. Both hold for any softmax attention over these keys (full,
+  windowed, masked).
   """
   b, n, d = x.shape
-  qkv = init.FusedDense((d,) * 3, biased=(True, False, False), name="qkv")
-  heads = [y.reshape(b, n, num_heads, -1) for y in qkv(x)]
-  return (*heads, qkv.part_bias(2))
+  part = init.fused_part_init(3)
+  q = init.dense(d, "q", kernel_init=part)(x)
+  k, _ = init.DeferredBias(d, part, name="k")(x)
+  v, v_bias = init.DeferredBias(d, part, name="v")(x)
+  return (*[y.reshape(b, n, num_heads, -1) for y in (q, k, v)], v_bias)
 
 
 class OutputProjection(nn.Module):
@@ -63,17 +59,18 @@ def project_out(y: jax.Array, v_bias: jax.Array, features: int) -> jax.Array:
 
 
 def torch_fused_qkv(qkv_name: str, out_name: str):
-  """Importer for PyTorch attention with a fused (3D, D) qkv Linear and an output Linear."""
+  """Importer for PyTorch attention with a fused (3D, D) qkv Linear (rows q, k, v) and an output Linear."""
   def from_torch(t, dim, num_heads):
-    params = {"qkv": init.dense_from_torch(t, qkv_name), "proj": init.dense_from_torch(t, out_name)}
-    return {"num_heads": num_heads}, params
+    qkv = init.dense_from_torch(t, qkv_name)
+    params = {name: jax.tree.map(lambda a: a[..., cut], qkv) for name, cut in zip("qkv", init.cuts((dim,) * 3))}
+    return {"num_heads": num_heads}, {**params, "proj": init.dense_from_torch(t, out_name)}
   return from_torch
 
 
 @register("mha", "attn", defaults={"num_heads": 16, "backend": "auto"},
           torch_modules=("qkv", "proj"), from_torch=torch_fused_qkv("qkv", "proj"))
 class MultiHeadAttention(nn.Module):
-  """DiT's attention: fused qkv with bias, softmax(q k^T / sqrt(d)) v over all tokens, output projection."""
+  """DiT's attention: q, k, v Linears with bias, softmax(q k^T / sqrt(d)) v over all tokens, output projection."""
   dim: int
   num_heads: int = 16
   backend: str = "auto"

@@ -1,17 +1,22 @@
 """Layers built with DiT's initialisation, and the PyTorch -> Flax weight layout for them."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
 
 
-def dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
+def dense(features: int, name: str, use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform()) -> nn.Dense:
   """DiT initialises every Linear xavier-uniform with zero bias."""
-  return nn.Dense(features, use_bias=use_bias, name=name, kernel_init=nn.initializers.xavier_uniform(),
-                  bias_init=nn.initializers.zeros)
+  return nn.Dense(features, use_bias=use_bias, name=name, kernel_init=kernel_init, bias_init=nn.initializers.zeros)
+
+
+def fused_part_init(parts: int):
+  """PyTorch's xavier-uniform of a fused (D, parts * D) Linear, for one (D, D) part stored on its own: the bound
+  sqrt(6 / (D + parts * D)) is variance scaling 2 / (1 + parts) over the part's fan_avg D."""
+  return nn.initializers.variance_scaling(2 / (1 + parts), "fan_avg", "uniform")
 
 
 def cuts(widths) -> list[slice]:
@@ -20,10 +25,11 @@ def cuts(widths) -> list[slice]:
   return [slice(int(end) - width, int(end)) for width, end in zip(widths, ends)]
 
 
-def dense_params(module: nn.Module, x: jax.Array, features: int, use_bias: bool = True):
+def dense_params(module: nn.Module, x: jax.Array, features: int, use_bias: bool = True,
+                 kernel_init=nn.initializers.xavier_uniform()):
   """x, kernel and bias (None without one) of a Linear declared inside `module` (nn.Dense's parameter names, DiT's
   initialisation), promoted to one dtype as nn.Dense does: for modules that apply a Dense's weights their own way."""
-  kernel = module.param("kernel", nn.initializers.xavier_uniform(), (x.shape[-1], features))
+  kernel = module.param("kernel", kernel_init, (x.shape[-1], features))
   bias = module.param("bias", nn.initializers.zeros, (features,)) if use_bias else None
   return nn.dtypes.promote_dtype(x, kernel, bias)
 
@@ -31,27 +37,31 @@ def dense_params(module: nn.Module, x: jax.Array, features: int, use_bias: bool 
 class FusedDense(nn.Module):
   """Linears of `widths` outputs each, stored as PyTorch fuses them (one Dense: kernel (D, sum(widths)), bias
   (sum(widths),) unless `use_bias` is False, initialised as one xavier-uniform matrix) but applied as one matmul per
-  part on slices of the weights. Each output is then its own contiguous array: a consumer such as cuDNN attention
-  would otherwise get a copy of each part sliced out of the fused result (3 x 2.6 ms of DiT-XL/2's 124 ms forward
-  at batch 256 on an H200), and the backward pass a concatenation of their gradients (1.1 ms of Mamba-2's 14.6 ms
-  at batch 256 x 256 tokens).
-
-  `biased` says which parts get their bias added (default all); a caller that leaves one out accounts for it
-  itself (`part_bias`), as softmax attention does for its keys and values."""
+  part on slices of the weights. Each output is then its own contiguous array rather than a copy sliced out of the
+  fused result, and the backward pass does not concatenate their gradients (1.1 ms of Mamba-2's 14.6 ms at batch
+  256 x 256 tokens on an H200). A sliced bias is not taken into cuBLAS's epilogue, though, so a biased part costs
+  one more pass over its output: hot biased projections are stored as separate Linears instead (attention's q, k
+  and v)."""
   widths: tuple[int, ...]
-  biased: tuple[bool, ...] | None = None
   use_bias: bool = True
 
   @nn.compact
   def __call__(self, x) -> list[jax.Array]:
     x, kernel, bias = dense_params(self, x, sum(self.widths), self.use_bias)
-    biased = self.biased or (self.use_bias,) * len(self.widths)
-    slices = cuts(self.widths)
-    return [x @ kernel[:, cut] + bias[cut] if add else x @ kernel[:, cut] for cut, add in zip(slices, biased)]
+    parts = [x @ kernel[:, cut] for cut in cuts(self.widths)]
+    return [y + bias[cut] for y, cut in zip(parts, cuts(self.widths))] if self.use_bias else parts
 
-  def part_bias(self, part: int) -> jax.Array:
-    """The stored bias of output `part` (after the module has been called)."""
-    return self.variables["params"]["bias"][cuts(self.widths)[part]]
+
+class DeferredBias(nn.Module):
+  """A Linear (nn.Dense's parameters, DiT's initialisation unless `kernel_init`) that returns x @ kernel and leaves
+  its bias to the caller, for a bias that can be folded into a later step or cancels there."""
+  features: int
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x) -> tuple[jax.Array, jax.Array]:
+    x, kernel, bias = dense_params(self, x, self.features, kernel_init=self.kernel_init)
+    return x @ kernel, bias
 
 
 def dense_from_torch(tensors: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

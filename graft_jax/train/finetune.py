@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
       "compute_dtype": "bfloat16",   # parameters stay float32
       "lora_rank": 0,                # 0: full fine-tuning
       "lora_alpha": 0.0,             # LoRA scale alpha / rank; 0 means alpha = rank
-      "lora_targets": (r"attn/(qkv|proj)",),  # regexes on Dense kernel paths such as blocks_3/attn/qkv/kernel
+      "lora_targets": (r"attn/(q|k|v|proj)/",),  # regexes on Dense kernel paths such as blocks_3/attn/q/kernel
       "log_every": 100,
       "checkpoint_every": 1000,
       "keep_checkpoints": 3,

@@ -64,14 +64,14 @@ def lora_targets(params: Any, patterns: Sequence[str]) -> list[tuple[str, ...]]:
            if path[-1] == "kernel" and leaf.ndim == 2 and any(c.search("/".join(path)) for c in compiled)]
   if not found:
     raise ValueError(f"lora_targets {list(patterns)} match no Dense kernel; kernel paths look like "
-                     f"'blocks_0/attn/qkv/kernel'.")
+                     f"'blocks_0/attn/q/kernel'.")
   return found
 
 
 def init_lora(params: Any, patterns: Sequence[str], rank: int, key: jax.Array) -> dict[str, Any]:
   """LoRA factors for every targeted kernel W (in, out): a (in, rank) ~ N(0, 1/in), b (rank, out) = 0.
 
-  The tree mirrors the params tree down to the kernel: lora[...]["qkv"]["kernel"] = {"a": ..., "b": ...}. b = 0 makes
+  The tree mirrors the params tree down to the kernel: lora[...]["q"]["kernel"] = {"a": ..., "b": ...}. b = 0 makes
   the adapted model start exactly at the given one; a's fan-in scaling keeps x @ a at the scale of x at any width.
   """
   flat = traverse_util.flatten_dict(params)

@@ -2,14 +2,17 @@
 the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
 
 python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel auto|xla]
-  [--profile] [--out DIR]
+  [--data N] [--fsdp N] [--profile] [--out DIR]
 The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
 JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json and depth_to_width.json.
+With --data / --fsdp the train step and the forward run sharded over that many devices (the training code's mesh;
+the batch split over both axes), and the results go to dit_xl2_data{N}_fsdp{N}.json; peak memory is device 0's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +68,13 @@ def train_step_ms(run) -> dict:
   return ms
 
 
-def forward_runner(model, params, batch):
+def forward_runner(model, params, batch, mesh=None):
+  """The undifferentiated forward at t = 500; with a mesh, the batch is split over it and the weights replicated."""
   params = cast_floating(params, jnp.bfloat16)
-  x, t, y = jnp.asarray(batch["x"], jnp.bfloat16), jnp.full(batch["y"].shape, 500), jnp.asarray(batch["y"])
+  batch = {"x": batch["x"].astype(jnp.bfloat16), "y": batch["y"], "t": np.full(batch["y"].shape, 500, np.int32)}
+  if mesh is not None:
+    batch = partition.shard_batch(mesh, batch)
+  x, t, y = (jnp.asarray(batch[k]) for k in ("x", "t", "y"))
   fn = jax.jit(model.apply)
   return lambda: fn({"params": params}, x, t, y)
 
@@ -77,15 +84,16 @@ def forward_ms(model, params, batch) -> float:
 
 
 def bench_train(batch_size: int, remat: str = "none", profile: bool = False, forward: bool = True,
-                gelu_kernel: str = "auto") -> list[dict]:
+                gelu_kernel: str = "auto", mesh_sizes: dict | None = None) -> list[dict]:
   cfg = with_gelu_kernel(dit_config("DiT-XL/2", remat=remat), gelu_kernel)
   model, params = DiT(cfg), init_params(cfg, jax.random.key(0))
   config = finetune.default_config()
-  config.update(dict(batch_size=batch_size, mesh={"data": 1, "fsdp": 1}))
-  mesh = partition.make_mesh(config.mesh, jax.devices()[:1])
+  config.update(dict(batch_size=batch_size, mesh=mesh_sizes or {"data": 1, "fsdp": 1}))
+  mesh = partition.make_mesh(config.mesh, jax.devices()[:math.prod(config.mesh.values())])
+  sharded = {"devices": mesh.size, "mesh": dict(config.mesh)} if mesh.size > 1 else {}
   run = train_runner(config, model, params, mesh, batch_of(batch_size))
   ms = train_step_ms(run)
-  train = {"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, **ms,
+  train = {"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, **sharded, **ms,
            "img_per_s": batch_size / ms["ms"] * 1e3, "peak_mem_gb": peak_memory_gb()}
   if profile:
     train["profile"] = call_profile(run, top=40)
@@ -93,9 +101,9 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   if not forward:
     return [train]
   del run  # frees the train state before the forward runs
-  run = forward_runner(model, params, batch_of(batch_size))
+  run = forward_runner(model, params, batch_of(batch_size), mesh if mesh.size > 1 else None)
   fwd = timings(run)
-  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, **fwd,
+  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, **sharded, **fwd,
              "img_per_s": batch_size / fwd["ms"] * 1e3}
   if profile:
     forward["profile"] = call_profile(run, top=25)
@@ -135,12 +143,16 @@ def main():
   parser.add_argument("--remat", default="none", help="the model's remat policy for the train step")
   parser.add_argument("--profile", action="store_true", help="add each run's device time by kernel")
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
+  parser.add_argument("--data", type=int, default=1, help="devices along the mesh's data axis")
+  parser.add_argument("--fsdp", type=int, default=1, help="devices along the mesh's fsdp axis")
   parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py in the same run")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   what = args.what.split(",")
   if "train" in what:
-    rows = bench_train(args.batch, args.remat, args.profile, forward="forward" in what, gelu_kernel=args.gelu_kernel)
+    mesh = {"data": args.data, "fsdp": args.fsdp}
+    rows = bench_train(args.batch, args.remat, args.profile, forward="forward" in what, gelu_kernel=args.gelu_kernel,
+                       mesh_sizes=mesh)
     ref = torch_rows(args.torch)
     extra = {"torch_reference": list(ref.values())}
     # Each row's torch.compile counterpart and the speed-up the issue asks over it.
@@ -152,7 +164,8 @@ def main():
         row["vs_torch_compile"] = row["img_per_s"] / ref[name]["img_per_s"]
         row["target_met"] = row["vs_torch_compile"] >= speedup and (row.get("peak_mem_gb") or 0) < 80
     extra["targets"] = {"train_vs_torch_compile": 1.2, "forward_vs_torch_compile": 1.15, "train_peak_mem_gb": 80}
-    print(write_results("dit_xl2", rows, extra, args.out))
+    name = "dit_xl2" if args.data * args.fsdp == 1 else f"dit_xl2_data{args.data}_fsdp{args.fsdp}"
+    print(write_results(name, rows, extra, args.out))
   if "depth" in what:
     print(write_results("depth_to_width", bench_depth(), {"dtype": "bfloat16", "attention": "auto (cuDNN)"},
                         args.out))

@@ -1,6 +1,6 @@
 """Pallas kernels (TPU splash attention for SWA, the Hyena causal conv) in Pallas interpret mode on CPU, against the
 XLA paths the operators use elsewhere: forward and gradients within 1e-5 in float32; which backend "auto" picks; and
-that under a sharded jit the causal conv and SSD kernels run on each device's batch shard.
+that under a sharded jit the causal conv, SSD and splash kernels run on each device's batch shard.
 
 Interpret mode runs the kernels op by op in Python: the shapes here are the smallest that still cover several blocks,
 padding and the halo between tiles.
@@ -112,3 +112,9 @@ def test_ssd_kernel_runs_on_batch_shards():
   C, B, xdt = _normal(6, (8, 2, 16, 16), (8, 2, 16, 16), (8, 2, 16, 4, 16))
   a = jnp.cumsum(-0.1 * jnp.abs(_normal(7, (8, 2, 16, 4))[0]), axis=2)
   _sharded_matches_one_device(lambda *args: ssd_diagonal_pallas(*args, interpret=True), [C, B, a, xdt])
+
+
+def test_splash_runs_on_batch_shards():
+  # 130 tokens: a padded second block, so the padding segment ids travel with each shard too.
+  q, k, v = _normal(8, *[(8, 130, 2, 8)] * 3)
+  _sharded_matches_one_device(lambda q, k, v: splash_band_attention(q, k, v, 3, interpret=True), [q, k, v])

@@ -5,8 +5,8 @@ The TPU kernels (causal_conv, splash) and the Triton one (ssd) run on CPU throug
 (`interpret=True`), which is how the tests check their numerics; the TPU ones have not been compiled or timed on TPU
 hardware yet, ssd has, on an H200. The Mosaic GPU one (dense_gelu, Hopper wgmma) has no interpret mode here: the
 tests check that it lowers and that differentiated calls take its XLA rule; its numbers come from the H200
-(benchmarks/dense_gelu.py). Under a sharded jit, causal_conv, ssd and dense_gelu run on each device's batch
-shard (`batch_partitioned`); splash has no sharding rule yet.
+(benchmarks/dense_gelu.py). Under a sharded jit, causal_conv, ssd, dense_gelu and splash run on each device's
+batch shard (`batch_partitioned`).
 """
 from __future__ import annotations
 

@@ -3,15 +3,24 @@ band, so the work is O(N * (block + 2w)) like the tiled XLA path, with the flash
 
 Splash attention works on whole blocks of 128 (TPU lanes): a sequence whose length is not a multiple of the block is
 padded at the end, and the padding is put into a segment of its own so that no real query sees a padded key.
+
+Under a sharded jit the kernel runs on each device's batch shard (`batch_partitioned`). A partitioned op has no
+derivative rule and splash keeps its VJP inside the kernel object, so the forward and the backward are two
+partitioned ops: the backward recomputes the forward (with its softmax statistics) on its shard and pulls the
+cotangent back through splash's own VJP. That costs one more band forward per backward pass, O(N * w) like the
+backward itself.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from graft_jax.operators.kernels import batch_partitioned
 
 BLOCK = 128  # the kernel's block sizes must be multiples of the 128 TPU lanes
 
@@ -25,6 +34,55 @@ def _kernel(length: int, heads: int, window: int, block: int, interpret: bool):
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+class _Band(NamedTuple):
+  """What the kernel is built for, besides the shapes (hashable: a custom_vjp's static argument)."""
+  window: int
+  block: int
+  interpret: bool
+  padded: bool  # whether the sequence was padded to whole blocks (its padding a segment of its own)
+
+
+def _partitioned(fn, band: _Band, q):
+  """fn(q, k, v, ids, *operands, kernel=..., padded=...) as a batch-partitioned op of (q, k, v, ids, *operands).
+
+  The kernel object is a pytree whose leaves are its block-sparsity tables; a partitioned op may not close over
+  arrays, so they travel as replicated operands (with the segment ids) and the kernel is rebuilt inside."""
+  tables, tree = jax.tree.flatten(_kernel(q.shape[2], q.shape[1], band.window, band.block, band.interpret))
+
+  def call(q, k, v, ids, *rest):
+    kernel = jax.tree.unflatten(tree, rest[:len(tables)])
+    return fn(q, k, v, ids, *rest[len(tables):], kernel=kernel, padded=band.padded)
+  return lambda q, k, v, ids, *more: batch_partitioned(call, replicated=tuple(range(3, 4 + len(tables))))(
+      q, k, v, ids, *tables, *more)
+
+
+def _attend(q, k, v, ids, *, kernel, padded: bool):
+  """The kernel over a batch of (B, heads, tokens, head dim) q, k, v; `ids` the (tokens,) segment ids. Sized by its
+  operands: under a sharded jit, one device's batch shard."""
+  segments = splash.SegmentIds(q=ids, kv=ids) if padded else None
+  return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segments)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sharded_attend(q, k, v, ids, band: _Band):
+  return _partitioned(_attend, band, q)(q, k, v, ids)
+
+
+def _sharded_attend_fwd(q, k, v, ids, band):
+  return _sharded_attend(q, k, v, ids, band), (q, k, v, ids)
+
+
+def _sharded_attend_bwd(band, residuals, dout):
+  def pull(q, k, v, ids, dout, *, kernel, padded):
+    return jax.vjp(lambda q, k, v: _attend(q, k, v, ids, kernel=kernel, padded=padded), q, k, v)[1](dout)
+  q, k, v, ids = residuals
+  dq, dk, dv = _partitioned(pull, band, q)(q, k, v, ids, dout)
+  return dq, dk, dv, None
+
+
+_sharded_attend.defvjp(_sharded_attend_fwd, _sharded_attend_bwd)
+
+
 def splash_band_attention(q, k, v, window: int, *, interpret: bool | None = None, block: int = BLOCK):
   """Query i attends to keys j with |i - j| <= window, for (B, N, H, d) q, k, v; the map of `tiled_band_attention`.
 
@@ -34,13 +92,9 @@ def splash_band_attention(q, k, v, window: int, *, interpret: bool | None = None
   interpret = jax.default_backend() != "tpu" if interpret is None else interpret
   b, n, h, d = q.shape
   padded = -(-n // block) * block
-  kernel = _kernel(padded, h, window, block, interpret)
   # The kernel takes one example as (heads, tokens, head dim) and does not scale the logits itself.
   heads_first = lambda t: jnp.pad(jnp.swapaxes(t, 1, 2), ((0, 0), (0, 0), (0, padded - n), (0, 0)))
   qh = heads_first((q.astype(jnp.float32) / np.sqrt(d)).astype(q.dtype))
-  segments = None
-  if padded != n:
-    ids = (jnp.arange(padded) >= n).astype(jnp.int32)
-    segments = splash.SegmentIds(q=ids, kv=ids)
-  out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(qh, heads_first(k), heads_first(v), segments)
+  ids = (jnp.arange(padded) >= n).astype(jnp.int32)
+  out = _sharded_attend(qh, heads_first(k), heads_first(v), ids, _Band(window, block, interpret, padded != n))
   return jnp.swapaxes(out[:, :, :n], 1, 2).astype(q.dtype)

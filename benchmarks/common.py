@@ -35,10 +35,12 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None, out_di
   return path
 
 
-def with_gelu_kernel(config, kernel: str):
-  """`config` with every plain MLP's fc1 + GELU on `kernel` (one of operators.mlp.GELU_KERNELS)."""
+def with_options(config, site: str, operator: str, **options):
+  """`config` with `options` set on every `operator` at `site` ("attn" or "mlp") of a plain layer: the benchmarks'
+  --gelu-kernel (the MLPs' gelu_kernel) and --attention (MHA's backend)."""
   def edit(layer):
-    if not isinstance(layer, LayerSpec) or layer.mlp.name != "mlp":
+    spec = getattr(layer, site, None) if isinstance(layer, LayerSpec) else None
+    if spec is None or spec.name != operator:
       return layer
-    return dataclasses.replace(layer, mlp=OpSpec.make("mlp", **{**layer.mlp.config, "gelu_kernel": kernel}))
+    return dataclasses.replace(layer, **{site: OpSpec.make(operator, **{**spec.config, **options})})
   return config.replace(layers=tuple(map(edit, config.layers)))

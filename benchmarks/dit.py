@@ -2,7 +2,7 @@
 the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
 
 python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel auto|xla]
-  [--data N] [--fsdp N] [--profile] [--out DIR]
+  [--attention auto|cudnn|xla|flash] [--data N] [--fsdp N] [--profile] [--out DIR]
 The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
 JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json and depth_to_width.json.
 With --data / --fsdp the train step and the forward run sharded over that many devices (the training code's mesh;
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import with_gelu_kernel, write_results
+from benchmarks.common import with_options, write_results
 from benchmarks.profile import call_profile
 from graft_jax import graft
 from graft_jax.models import DiT, dit_config, init_params
@@ -84,8 +84,9 @@ def forward_ms(model, params, batch) -> float:
 
 
 def bench_train(batch_size: int, remat: str = "none", profile: bool = False, forward: bool = True,
-                gelu_kernel: str = "auto", mesh_sizes: dict | None = None) -> list[dict]:
-  cfg = with_gelu_kernel(dit_config("DiT-XL/2", remat=remat), gelu_kernel)
+                gelu_kernel: str = "auto", mesh_sizes: dict | None = None, attention: str = "auto") -> list[dict]:
+  cfg = with_options(dit_config("DiT-XL/2", remat=remat), "mlp", "mlp", gelu_kernel=gelu_kernel)
+  cfg = with_options(cfg, "attn", "mha", backend=attention)
   model, params = DiT(cfg), init_params(cfg, jax.random.key(0))
   config = finetune.default_config()
   config.update(dict(batch_size=batch_size, mesh=mesh_sizes or {"data": 1, "fsdp": 1}))
@@ -103,7 +104,8 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   del run  # frees the train state before the forward runs
   run = forward_runner(model, params, batch_of(batch_size), mesh if mesh.size > 1 else None)
   fwd = timings(run)
-  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, **sharded, **fwd,
+  forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, "attention": attention,
+             **sharded, **fwd,
              "img_per_s": batch_size / fwd["ms"] * 1e3}
   if profile:
     forward["profile"] = call_profile(run, top=25)
@@ -143,6 +145,7 @@ def main():
   parser.add_argument("--remat", default="none", help="the model's remat policy for the train step")
   parser.add_argument("--profile", action="store_true", help="add each run's device time by kernel")
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
+  parser.add_argument("--attention", default="auto", help="MHA's backend: auto, cudnn, xla or flash")
   parser.add_argument("--data", type=int, default=1, help="devices along the mesh's data axis")
   parser.add_argument("--fsdp", type=int, default=1, help="devices along the mesh's fsdp axis")
   parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py in the same run")
@@ -152,7 +155,7 @@ def main():
   if "train" in what:
     mesh = {"data": args.data, "fsdp": args.fsdp}
     rows = bench_train(args.batch, args.remat, args.profile, forward="forward" in what, gelu_kernel=args.gelu_kernel,
-                       mesh_sizes=mesh)
+                       mesh_sizes=mesh, attention=args.attention)
     ref = torch_rows(args.torch)
     extra = {"torch_reference": list(ref.values())}
     # Each row's torch.compile counterpart and the speed-up the issue asks over it.

@@ -2,8 +2,8 @@
 teacher and its Hyena-X graft (the paper's layers) against shared/bench/torch_reference.py in the same device call
 (issue: PixArt-Sigma, point 5).
 
-python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--gelu-kernel auto|xla] [--profile]
-  [--out benchmarks/results]
+python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--gelu-kernel auto|xla]
+  [--attention auto|cudnn|xla|flash] [--profile] [--out benchmarks/results]
 `--torch` takes the JSON lines of `torch_reference.py pixart` from the same call. Targets: our teacher at least 1.15x
 faster than PyTorch eager; the graft at least 1.6x faster than our teacher. Writes pixart.json.
 """
@@ -14,7 +14,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import with_gelu_kernel, write_results
+from benchmarks.common import with_options, write_results
 from benchmarks.dit import torch_lines
 from benchmarks.profile import call_profile
 from graft_jax import graft
@@ -65,17 +65,19 @@ def main():
   parser.add_argument("--depth", type=int, default=28, help="fewer layers for a smoke run (the plan is clipped)")
   parser.add_argument("--profile", action="store_true", help="add each forward's device time by kernel")
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
+  parser.add_argument("--attention", default="auto", help="self-attention's backend: auto, cudnn, xla or flash")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   layers = [i for i in PAPER_LAYERS if i < args.depth]
   if not layers:
     parser.error(f"--depth {args.depth} keeps none of the paper's grafted layers (the first is {PAPER_LAYERS[0]}).")
-  teacher = with_gelu_kernel(pixart_config(args.image_size, depth=args.depth), args.gelu_kernel)
+  teacher = with_options(pixart_config(args.image_size, depth=args.depth), "mlp", "mlp", gelu_kernel=args.gelu_kernel)
+  teacher = with_options(teacher, "attn", "mha", backend=args.attention)
   params = init_params(teacher, jax.random.key(0))
   edits = graft.parse_plan([dict(site="attn", layers=layers, operator="hyena_x")], teacher)
   student, student_params = graft.graft(teacher, params, edits, jax.random.key(1))
   row = {"image_size": args.image_size, "tokens": teacher.num_tokens, "depth": args.depth, "batch": 2,
-         "grafted_layers": layers, "gelu_kernel": args.gelu_kernel}
+         "grafted_layers": layers, "gelu_kernel": args.gelu_kernel, "attention": args.attention}
   row["teacher_ms"], teacher_kernels = forward_ms(teacher, params, profile=args.profile)
   row["graft_ms"], graft_kernels = forward_ms(student, student_params, profile=args.profile)
   row["graft_speedup"] = row["teacher_ms"] / row["graft_ms"]

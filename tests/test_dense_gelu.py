@@ -68,11 +68,13 @@ def test_unknown_gelu_kernel_is_one_sentence():
     mlp.init(jax.random.key(0), jnp.zeros((1, 4, 32)))
 
 
-def test_benchmarks_switch_every_mlp():
-  from benchmarks.common import with_gelu_kernel  # the benchmarks' --gelu-kernel
-  cfg = with_gelu_kernel(dit_config("DiT-S/2", depth=3), "auto")
-  assert {layer.mlp.config["gelu_kernel"] for layer in cfg.layers} == {"auto"}
+def test_benchmarks_switch_every_mlp_or_attention():
+  from benchmarks.common import with_options  # the benchmarks' --gelu-kernel and --attention
+  cfg = with_options(dit_config("DiT-S/2", depth=3), "mlp", "mlp", gelu_kernel="xla")
+  assert {layer.mlp.config["gelu_kernel"] for layer in cfg.layers} == {"xla"}
   assert {layer.attn for layer in cfg.layers} == {dit_config("DiT-S/2").layers[0].attn}
+  cfg = with_options(cfg, "attn", "mha", backend="flash")
+  assert {(layer.attn.config["backend"], layer.mlp.config["gelu_kernel"]) for layer in cfg.layers} == {("flash", "xla")}
 
 
 def test_sharded_call_runs_on_each_devices_rows(monkeypatch):

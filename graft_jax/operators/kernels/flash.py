@@ -80,9 +80,11 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *, parts, block_k: int, scale: flo
   init = (jnp.full((block_q,), -jnp.inf, _F32), jnp.zeros((block_q,), _F32),
           tuple(jnp.zeros((block_q, width), _F32) for _, width, _ in parts))
   _, total, accs = lax.fori_loop(0, length // block_k, step, init)
-  # In order: a later piece rewrites its overlap with the same values.
-  for acc, (start, width, _) in zip(accs, parts):
-    o_ref[:, pl.ds(start, width)] = (acc / total[:, None]).astype(o_ref.dtype)
+  for acc, (start, width, overlap) in zip(accs, parts):
+    out = (acc / total[:, None]).astype(o_ref.dtype)
+    # A piece leaves its overlap to the piece before: two stores to one address from different threads have no order.
+    keep = lax.broadcasted_iota(jnp.int32, out.shape, 1) >= overlap if overlap else None
+    plgpu.store(o_ref.at[:, pl.ds(start, width)], out, mask=keep)
 
 
 def _forward(q, k, v, interpret: bool):

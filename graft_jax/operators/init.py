@@ -48,8 +48,7 @@ class FusedDense(nn.Module):
   @nn.compact
   def __call__(self, x) -> list[jax.Array]:
     x, kernel, bias = dense_params(self, x, sum(self.widths), self.use_bias)
-    parts = [x @ kernel[:, cut] for cut in cuts(self.widths)]
-    return [y + bias[cut] for y, cut in zip(parts, cuts(self.widths))] if self.use_bias else parts
+    return [x @ kernel[:, cut] + bias[cut] if self.use_bias else x @ kernel[:, cut] for cut in cuts(self.widths)]
 
 
 class DeferredBias(nn.Module):

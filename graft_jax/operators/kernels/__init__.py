@@ -23,6 +23,15 @@ def sixteen_bit(dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
+def forward_only(kernel: Callable, reference: Callable) -> Callable:
+  """kernel(*arrays) in undifferentiated calls; a differentiated call runs `reference` instead (the composition the
+  kernel replaces). The forward rule is reference's own (jax.vjp's function is a pytree of arrays, so its residuals
+  are the residuals), so remat policies save and recompute exactly what they would without the kernel."""
+  call = jax.custom_vjp(lambda *arrays: kernel(*arrays))
+  call.defvjp(lambda *arrays: jax.vjp(reference, *arrays), lambda vjp, cotangent: vjp(cotangent))
+  return call
+
+
 def batch_partitioned(fn: Callable, replicated: tuple[int, ...] = ()) -> Callable:
   """fn (a Pallas call) as an op the SPMD partitioner runs on each device's share of the batch.
 

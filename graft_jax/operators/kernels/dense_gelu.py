@@ -10,7 +10,7 @@ a ring of shared-memory stages with TMA; two compute warpgroups (one per column 
 accumulators and then the epilogue (bias, GELU, bf16, TMA store), while the memory warpgroup already loads the next
 tile. The tanh is the hardware approximation (relative error about 2^-11, under half a bf16 ulp).
 
-Forward only. `dense_gelu` has a custom VJP whose forward rule is the XLA composition, so a differentiated call (a
+Forward only (`kernels.forward_only`): `dense_gelu`'s forward rule is the XLA composition, so a differentiated call (a
 train step, under any remat policy) saves and recomputes exactly what XLA would; undifferentiated calls (sampling,
 the teacher's forward in stage 1, inference) run the kernel. It rounds once where XLA rounds the matmul output, the
 bias sum and the GELU in turn.
@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from graft_jax.operators.kernels import batch_partitioned, sixteen_bit
+from graft_jax.operators.kernels import batch_partitioned, forward_only, sixteen_bit
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -138,29 +138,13 @@ def _sharded_call(x, kernel, bias, tiles: Tiles, num_sms: int):
   return batch_partitioned(call, replicated=(1, 2))(x, kernel, bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(x, kernel, bias, tiles, num_sms):
-  return _sharded_call(x, kernel, bias, tiles, num_sms)
-
-
-def _fused_fwd(x, kernel, bias, tiles, num_sms):
-  # The residuals are the XLA composition's own (jax.vjp's function is a pytree of arrays), so remat policies see
-  # its matmul and its `kept` GELU output as they would without the kernel.
-  return jax.vjp(reference, x, kernel, bias)
-
-
-def _fused_bwd(tiles, num_sms, vjp, g):
-  return vjp(g)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
 def dense_gelu(x, kernel, bias, *, tiles: Tiles = Tiles(), num_sms: int | None = None):
   """gelu_tanh(x @ kernel + bias) through the kernel, for x (..., k), kernel (k, n), bias (n,) of one 16-bit dtype
   whose shapes `fit`; it compiles only for a Hopper GPU (`supported`). `num_sms` (persistent CTAs) defaults to the device's SM count."""
   if num_sms is None:
     num_sms = getattr(jax.devices()[0], "core_count", 132)
   lead, k = x.shape[:-1], x.shape[-1]
-  y = _fused(x.reshape(-1, k), kernel, bias, tiles, num_sms)
+  # Differentiated, the XLA composition runs: remat sees its matmul and its `kept` GELU output.
+  fused = forward_only(functools.partial(_sharded_call, tiles=tiles, num_sms=num_sms), reference)
+  y = fused(x.reshape(-1, k), kernel, bias)
   return y.reshape(*lead, kernel.shape[1])

@@ -10,7 +10,7 @@ One program takes a block of queries of one (batch entry, head) and walks the ke
 (running max and sum in float32, exp2 with log2(e) folded into the logit scale); p is rounded to the values' dtype for
 its matmul, as flash attention does.
 
-Forward only: `flash_attention`'s custom VJP takes cuDNN's (or XLA's) attention as its forward rule, so a
+Forward only (`kernels.forward_only`): `flash_attention` takes cuDNN's (or XLA's) attention as its forward rule, so a
 differentiated call (a train step, under any remat policy) saves and recomputes what that path would; undifferentiated
 calls (sampling, the teacher's forward in stage 1, inference) run the kernel.
 """
@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from graft_jax.operators.kernels import batch_partitioned, sixteen_bit
+from graft_jax.operators.kernels import batch_partitioned, forward_only, sixteen_bit
 
 _F32 = jnp.float32
 BLOCK_Q = 128
@@ -104,26 +104,10 @@ def _forward(q, k, v, interpret: bool):
   return batch_partitioned(call)(q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash(q, k, v, differentiated: str, interpret: bool):
-  return _forward(q, k, v, interpret)
-
-
-def _flash_fwd(q, k, v, differentiated, interpret):
-  # That path's own residuals (jax.vjp's function is a pytree of arrays), as in dense_gelu.
-  return jax.vjp(functools.partial(jax.nn.dot_product_attention, implementation=differentiated), q, k, v)
-
-
-def _flash_bwd(differentiated, interpret, vjp, dout):
-  return vjp(dout)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
 def flash_attention(q, k, v, differentiated: str = "xla", *, interpret: bool | None = None):
   """softmax(q k^T / sqrt(d)) v for (B, N, H, d) q, k, v through the kernel (shapes as `supported` says); a
   differentiated call runs jax.nn.dot_product_attention with implementation `differentiated` ("cudnn" or "xla")
   instead. Off GPU (interpret None means "not on a GPU") the kernel runs in Pallas interpret mode, for the tests."""
   interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-  return _flash(q, k, v, differentiated, interpret)
+  reference = functools.partial(jax.nn.dot_product_attention, implementation=differentiated)
+  return forward_only(functools.partial(_forward, interpret=interpret), reference)(q, k, v)

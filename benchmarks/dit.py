@@ -2,7 +2,7 @@
 the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
 
 python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel auto|xla]
-  [--attention auto|cudnn|xla|flash] [--data N] [--fsdp N] [--profile] [--out DIR]
+  [--attention auto|cudnn|xla] [--data N] [--fsdp N] [--profile] [--out DIR]
 The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
 JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json and depth_to_width.json.
 With --data / --fsdp the train step and the forward run sharded over that many devices (the training code's mesh;
@@ -145,7 +145,7 @@ def main():
   parser.add_argument("--remat", default="none", help="the model's remat policy for the train step")
   parser.add_argument("--profile", action="store_true", help="add each run's device time by kernel")
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
-  parser.add_argument("--attention", default="auto", help="MHA's backend: auto, cudnn, xla or flash")
+  parser.add_argument("--attention", default="auto", help="MHA's backend: auto, cudnn or xla")
   parser.add_argument("--data", type=int, default=1, help="devices along the mesh's data axis")
   parser.add_argument("--fsdp", type=int, default=1, help="devices along the mesh's fsdp axis")
   parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py in the same run")

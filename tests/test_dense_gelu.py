@@ -73,8 +73,8 @@ def test_benchmarks_switch_every_mlp_or_attention():
   cfg = with_options(dit_config("DiT-S/2", depth=3), "mlp", "mlp", gelu_kernel="xla")
   assert {layer.mlp.config["gelu_kernel"] for layer in cfg.layers} == {"xla"}
   assert {layer.attn for layer in cfg.layers} == {dit_config("DiT-S/2").layers[0].attn}
-  cfg = with_options(cfg, "attn", "mha", backend="flash")
-  assert {(layer.attn.config["backend"], layer.mlp.config["gelu_kernel"]) for layer in cfg.layers} == {("flash", "xla")}
+  cfg = with_options(cfg, "attn", "mha", backend="cudnn")
+  assert {(layer.attn.config["backend"], layer.mlp.config["gelu_kernel"]) for layer in cfg.layers} == {("cudnn", "xla")}
 
 
 def test_sharded_call_runs_on_each_devices_rows(monkeypatch):

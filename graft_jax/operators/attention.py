@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
-from graft_jax.operators.kernels import flash, sixteen_bit
+from graft_jax.operators.kernels import sixteen_bit
 from graft_jax.operators.kernels.splash import splash_band_attention
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
@@ -67,19 +67,15 @@ def torch_fused_qkv(qkv_name: str, out_name: str):
   return from_torch
 
 
-MHA_BACKENDS = ("auto", "cudnn", "xla", "flash")
+MHA_BACKENDS = ("auto", "cudnn", "xla")
 
 
 def self_attention(q, k, v, backend: str = "auto"):
-  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) q, k, v by `backend` (one of MHA_BACKENDS): "flash" is the Pallas
-  kernel for heads that are not a power of two (`kernels/flash.py`; forward only, where its shapes fit, else and
-  when differentiated what "auto" picks); the others as `attention_backend` resolves them."""
+  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) q, k, v by `backend` (one of MHA_BACKENDS, as `attention_backend`
+  resolves it)."""
   if backend not in MHA_BACKENDS:
     raise ValueError(f"attention backend must be one of {MHA_BACKENDS}, got {backend!r}")
-  fallback = attention_backend("auto" if backend == "flash" else backend, q.dtype)
-  if backend == "flash" and flash.supported(q, k):
-    return flash.flash_attention(q, k, v, fallback)
-  return jax.nn.dot_product_attention(q, k, v, implementation=fallback)
+  return jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(backend, q.dtype))
 
 
 @register("mha", "attn", defaults={"num_heads": 16, "backend": "auto"},

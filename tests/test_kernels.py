@@ -82,7 +82,7 @@ def test_backend_errors():
   with pytest.raises(ValueError, match="tokens"):
     conv_backend("pallas", 2)
   with pytest.raises(ValueError, match="must be one of"):
-    conv_backend("triton", 1)
+    conv_backend("cuda", 1)
   x = jnp.zeros((1, 16, 8))
   with pytest.raises(ValueError, match="1-D"):
     ops.build("swa", 8, num_heads=2, grid=(4, 4), backend="splash").init(jax.random.key(0), x)

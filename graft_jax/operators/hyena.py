@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
+from graft_jax.operators.kernels import hyena_gate
 from graft_jax.operators.kernels.causal_conv import causal_conv_pallas
 from graft_jax.operators.registry import register
 
-CONV_BACKENDS = ("auto", "xla", "pallas")
+CONV_BACKENDS = ("auto", "xla", "pallas", "triton")
 
 
 def causal_depthwise_conv(x: jax.Array, w: jax.Array, b: jax.Array, axis: int = 1) -> jax.Array:
@@ -44,16 +45,28 @@ def causal_depthwise_conv(x: jax.Array, w: jax.Array, b: jax.Array, axis: int = 
   return y.astype(x.dtype)
 
 
-def conv_backend(requested: str, axis: int) -> str:
-  """What "auto" means for the causal conv: the Pallas kernel on TPU along tokens, the XLA shift-and-add elsewhere
-  (on GPU it is already one fusion) and along features (the kernel tiles tokens only)."""
+def gated_conv_xla(u: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """Hyena-X's featurizer and gate in XLA: the causal conv of u (B, N, 3D) along tokens, split into q, k, v,
+  returned as q * (k * v)."""
+  q, k, v = jnp.split(causal_depthwise_conv(u, w, b), 3, axis=-1)
+  return q * (k * v)
+
+
+def conv_backend(requested: str, axis: int, gated: bool = False) -> str:
+  """What "auto" means for the causal conv: the Pallas kernel on TPU along tokens; on GPU, for Hyena-X's conv and
+  gate (`gated`), the fused Triton kernel; the XLA shift-and-add elsewhere (on GPU a plain conv is already one
+  fusion) and along features (the kernels tile tokens only)."""
   if requested not in CONV_BACKENDS:
     raise ValueError(f"causal conv backend must be one of {CONV_BACKENDS}, got {requested!r}")
   if requested == "pallas" and axis != 1:
     raise ValueError("the Pallas causal conv runs along tokens (axis 1) only; use 'xla' for the feature axis")
+  if requested == "triton" and not gated:
+    raise ValueError("the Triton kernel fuses Hyena-X's conv and gate; this conv has no gate (use 'xla' or 'pallas')")
   if requested != "auto":
     return requested
-  return "pallas" if jax.default_backend() == "tpu" and axis == 1 else "xla"
+  if jax.default_backend() == "tpu" and axis == 1:
+    return "pallas"
+  return "triton" if gated and jax.default_backend() == "gpu" else "xla"
 
 
 def _symmetric_uniform(bound: float):
@@ -77,25 +90,46 @@ class CausalConv(nn.Module):
   identity_init: bool = False
   backend: str = "auto"
 
+  def filters(self, channels: int):
+    """The (K, channels) kernel and (channels,) bias parameters; called from a compact method."""
+    if self.identity_init:
+      kernel_init, bias_init = _identity_taps, nn.initializers.zeros
+    else:
+      # PyTorch's Conv1d default for a depthwise filter: fan-in K for both kernel and bias.
+      kernel_init = bias_init = _symmetric_uniform(1.0 / np.sqrt(self.kernel_size))
+    return self.param("kernel", kernel_init, (self.kernel_size, channels)), self.param("bias", bias_init, (channels,))
+
+  def conv(self, x, w, b):
+    if conv_backend(self.backend, self.axis) == "pallas":
+      return causal_conv_pallas(x, w, b)
+    return causal_depthwise_conv(x, w, b, self.axis)
+
   @nn.compact
   def __call__(self, x, *more):
     """The conv of x; with `more` arrays, x and they are one input split along C (in order), convolved part by part
     and returned as a tuple, so the caller's split of the input has no concatenated gradient to build."""
     parts = (x, *more)
     widths = [part.shape[3 - self.axis] for part in parts]
-    if self.identity_init:
-      kernel_init, bias_init = _identity_taps, nn.initializers.zeros
-    else:
-      # PyTorch's Conv1d default for a depthwise filter: fan-in K for both kernel and bias.
-      kernel_init = bias_init = _symmetric_uniform(1.0 / np.sqrt(self.kernel_size))
-    kernel = self.param("kernel", kernel_init, (self.kernel_size, sum(widths)))
-    bias = self.param("bias", bias_init, (sum(widths),))
-    pallas = conv_backend(self.backend, self.axis) == "pallas"
-    outs = []
-    for part, cut in zip(parts, init.cuts(widths)):
-      w, b = kernel[:, cut], bias[cut]
-      outs.append(causal_conv_pallas(part, w, b) if pallas else causal_depthwise_conv(part, w, b, self.axis))
+    kernel, bias = self.filters(sum(widths))
+    outs = [self.conv(part, kernel[:, cut], bias[cut]) for part, cut in zip(parts, init.cuts(widths))]
     return outs[0] if not more else tuple(outs)
+
+
+class GatedCausalConv(CausalConv):
+  """Hyena-X's featurizer and gate: the conv of u (B, N, 3D) along tokens split into q, k, v, returned as
+  q * (k * v). Backend "triton" (GPU's "auto") runs both in one Pallas kernel (`kernels/hyena_gate.py`, forward
+  only) where its tiles fit, "auto" only on a GPU, "triton" anywhere (interpret mode off GPU)."""
+
+  @nn.compact
+  def __call__(self, u):
+    kernel, bias = self.filters(u.shape[-1])
+    if conv_backend(self.backend, 1, gated=True) == "triton":
+      fit = hyena_gate.fits if self.backend == "triton" else hyena_gate.supported
+      if fit(u.shape[1], u.shape[2], self.kernel_size):
+        return hyena_gate.gated_conv(u, kernel, bias, gated_conv_xla)
+      return gated_conv_xla(u, kernel, bias)
+    q, k, v = jnp.split(self.conv(u, kernel, bias), 3, axis=-1)
+    return q * (k * v)
 
 
 def _conv_from_torch(t, name):
@@ -132,6 +166,9 @@ class _Hyena(nn.Module):
   @nn.compact
   def __call__(self, x):
     u = init.dense(3 * self.dim, "in_proj")(x)
+    if self.has_short_filter and not self.has_inner_filter:  # Hyena-X: conv and gate in one (a kernel on GPU)
+      return init.dense(self.dim, "out_proj")(GatedCausalConv(self.kernel_size, backend=self.backend,
+                                                              name="short_filter")(u))
     if self.has_short_filter:
       u = CausalConv(self.kernel_size, backend=self.backend, name="short_filter")(u)
     q, k, v = jnp.split(u, 3, axis=-1)

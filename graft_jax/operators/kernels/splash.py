@@ -27,11 +27,15 @@ BLOCK = 128  # the kernel's block sizes must be multiples of the 128 TPU lanes
 
 @functools.lru_cache(maxsize=32)
 def _kernel(length: int, heads: int, window: int, block: int, interpret: bool):
-  """The kernel for one (padded) length; cached because building the block-sparsity tables is numpy work per call."""
+  """The kernel for one (padded) length; cached because building the block-sparsity tables is numpy work per call.
+
+  Built under compile-time evaluation: the first call usually comes inside a trace, and tables made there would be
+  that trace's tracers, leaked into every later trace that hits the cache."""
   mask = splash.MultiHeadMask([splash.LocalMask((length, length), (window, window), offset=0)] * heads)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 class _Band(NamedTuple):

@@ -63,6 +63,8 @@ def test_hyena_x_backends():
   np.testing.assert_allclose(triton.apply(params, x), xla.apply(params, x), **TOL)
   # Shapes the kernel does not take run the composition under any backend.
   np.testing.assert_allclose(triton.apply(params, x[:, :20]), xla.apply(params, x[:, :20]), **TOL)
+  pallas = ops.build("hyena_x", 128, backend="pallas")  # TPU's conv kernel, then the gate
+  np.testing.assert_allclose(pallas.apply(params, x), xla.apply(params, x), **TOL)
 
 
 def test_auto_picks_the_kernel_on_gpu_for_hyena_x_only(monkeypatch):

@@ -45,11 +45,15 @@ def causal_depthwise_conv(x: jax.Array, w: jax.Array, b: jax.Array, axis: int = 
   return y.astype(x.dtype)
 
 
-def gated_conv_xla(u: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-  """Hyena-X's featurizer and gate in XLA: the causal conv of u (B, N, 3D) along tokens, split into q, k, v,
-  returned as q * (k * v)."""
-  q, k, v = jnp.split(causal_depthwise_conv(u, w, b), 3, axis=-1)
+def _gate(y: jax.Array) -> jax.Array:
+  """Hyena-X's gate: y (B, N, 3D) split into q, k, v, returned as q * (k * v)."""
+  q, k, v = jnp.split(y, 3, axis=-1)
   return q * (k * v)
+
+
+def gated_conv_xla(u: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """Hyena-X's featurizer and gate in XLA: the gate of the causal conv of u (B, N, 3D) along tokens."""
+  return _gate(causal_depthwise_conv(u, w, b))
 
 
 def conv_backend(requested: str, axis: int, gated: bool = False) -> str:
@@ -99,11 +103,6 @@ class CausalConv(nn.Module):
       kernel_init = bias_init = _symmetric_uniform(1.0 / np.sqrt(self.kernel_size))
     return self.param("kernel", kernel_init, (self.kernel_size, channels)), self.param("bias", bias_init, (channels,))
 
-  def conv(self, x, w, b):
-    if conv_backend(self.backend, self.axis) == "pallas":
-      return causal_conv_pallas(x, w, b)
-    return causal_depthwise_conv(x, w, b, self.axis)
-
   @nn.compact
   def __call__(self, x, *more):
     """The conv of x; with `more` arrays, x and they are one input split along C (in order), convolved part by part
@@ -111,25 +110,30 @@ class CausalConv(nn.Module):
     parts = (x, *more)
     widths = [part.shape[3 - self.axis] for part in parts]
     kernel, bias = self.filters(sum(widths))
-    outs = [self.conv(part, kernel[:, cut], bias[cut]) for part, cut in zip(parts, init.cuts(widths))]
+    pallas = conv_backend(self.backend, self.axis) == "pallas"
+    outs = []
+    for part, cut in zip(parts, init.cuts(widths)):
+      w, b = kernel[:, cut], bias[cut]
+      outs.append(causal_conv_pallas(part, w, b) if pallas else causal_depthwise_conv(part, w, b, self.axis))
     return outs[0] if not more else tuple(outs)
 
 
 class GatedCausalConv(CausalConv):
   """Hyena-X's featurizer and gate: the conv of u (B, N, 3D) along tokens split into q, k, v, returned as
-  q * (k * v). Backend "triton" (GPU's "auto") runs both in one Pallas kernel (`kernels/hyena_gate.py`, forward
-  only) where its tiles fit, "auto" only on a GPU, "triton" anywhere (interpret mode off GPU)."""
+  q * (k * v). Both run as one Pallas kernel (`kernels/hyena_gate.py`, forward only) where its tiles fit: with
+  backend "triton" anywhere (interpret mode off GPU), with "auto" on GPUs. Otherwise the conv as `conv_backend`
+  says (XLA, or the Pallas conv on TPU), then the gate."""
 
   @nn.compact
   def __call__(self, u):
     kernel, bias = self.filters(u.shape[-1])
-    if conv_backend(self.backend, 1, gated=True) == "triton":
-      fit = hyena_gate.fits if self.backend == "triton" else hyena_gate.supported
-      if fit(u.shape[1], u.shape[2], self.kernel_size):
-        return hyena_gate.gated_conv(u, kernel, bias, gated_conv_xla)
-      return gated_conv_xla(u, kernel, bias)
-    q, k, v = jnp.split(self.conv(u, kernel, bias), 3, axis=-1)
-    return q * (k * v)
+    backend = conv_backend(self.backend, 1, gated=True)
+    fit = hyena_gate.fits if self.backend == "triton" else hyena_gate.supported
+    if backend == "triton" and fit(u.shape[1], u.shape[2], self.kernel_size):
+      return hyena_gate.gated_conv(u, kernel, bias, gated_conv_xla)
+    if backend == "pallas":
+      return _gate(causal_conv_pallas(u, kernel, bias))
+    return gated_conv_xla(u, kernel, bias)
 
 
 def _conv_from_torch(t, name):

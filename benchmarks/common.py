@@ -2,6 +2,7 @@
 the PyTorch reference's method)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -44,3 +45,15 @@ def with_options(config, site: str, operator: str, **options):
       return layer
     return dataclasses.replace(layer, **{site: OpSpec.make(operator, **{**spec.config, **options})})
   return config.replace(layers=tuple(map(edit, config.layers)))
+
+
+def kernel_benchmark(name: str, shapes: dict, bench, available: bool, requirement: str):
+  """A kernel microbenchmark's command line: --out, one clear exit where the kernel cannot run, then bench(shape)
+  for each named shape into NAME.json (bf16)."""
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", default="benchmarks/results")
+  args = parser.parse_args()
+  if not available:
+    raise SystemExit(f"benchmarks/{name}.py needs {requirement}.")
+  rows = [{"shape": shape_name, **bench(shape)} for shape_name, shape in shapes.items()]
+  print(write_results(name, rows, {"dtype": "bfloat16"}, args.out))

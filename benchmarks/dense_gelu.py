@@ -7,13 +7,11 @@ deviation of each from a float32 reference. Writes dense_gelu.json with the comm
 """
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import write_results
+from benchmarks.common import kernel_benchmark
 from graft_jax.operators.kernels import dense_gelu
 from graft_jax.timing import median_ms
 
@@ -44,13 +42,8 @@ def bench(tokens: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", default="benchmarks/results")
-  args = parser.parse_args()
-  if not dense_gelu.supported(max(SHAPES.values()), WIDTH, HIDDEN, jnp.bfloat16):
-    raise SystemExit("benchmarks/dense_gelu.py needs a Hopper GPU (the kernel is wgmma, sm_90).")
-  rows = [{"shape": name, **bench(tokens)} for name, tokens in SHAPES.items()]
-  print(write_results("dense_gelu", rows, {"dtype": "bfloat16"}, args.out))
+  kernel_benchmark("dense_gelu", SHAPES, bench, dense_gelu.supported(max(SHAPES.values()), WIDTH, HIDDEN, jnp.bfloat16),
+                   "a Hopper GPU (the kernel is wgmma, sm_90)")
 
 
 if __name__ == "__main__":

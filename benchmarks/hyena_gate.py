@@ -7,12 +7,10 @@ of the same bf16 inputs, relative to the largest output. Writes hyena_gate.json 
 """
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import write_results
+from benchmarks.common import kernel_benchmark
 from graft_jax.operators.hyena import gated_conv_xla
 from graft_jax.operators.kernels import hyena_gate
 from graft_jax.timing import loop_ms
@@ -42,13 +40,8 @@ def bench(batch: int, tokens: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", default="benchmarks/results")
-  args = parser.parse_args()
-  if not all(hyena_gate.supported(tokens, 3 * WIDTH, TAPS) for _, tokens in SHAPES.values()):
-    raise SystemExit("benchmarks/hyena_gate.py needs a GPU (the kernel is Pallas Triton).")
-  rows = [{"shape": name, **bench(*shape)} for name, shape in SHAPES.items()]
-  print(write_results("hyena_gate", rows, {"dtype": "bfloat16"}, args.out))
+  available = all(hyena_gate.supported(tokens, 3 * WIDTH, TAPS) for _, tokens in SHAPES.values())
+  kernel_benchmark("hyena_gate", SHAPES, lambda shape: bench(*shape), available, "a GPU (the kernel is Pallas Triton)")
 
 
 if __name__ == "__main__":

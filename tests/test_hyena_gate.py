@@ -1,7 +1,7 @@
 """Hyena-X's fused conv + gate kernel (kernels/hyena_gate.py): its values in Pallas interpret mode against the XLA
 composition (1e-5 in float32), that a differentiated call takes the composition's gradients, that it runs on batch
 shards under a sharded jit, that it lowers for CUDA at PixArt's 2048 px shape, and that Hyena-X's backend picks it.
-Its speed is the H200's to measure (benchmarks/operators.py and pixart.py)."""
+Its speed is the H200's to measure (benchmarks/hyena_gate.py, operators.py and pixart.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -127,9 +127,8 @@ class GatedCausalConv(CausalConv):
   @nn.compact
   def __call__(self, u):
     kernel, bias = self.filters(u.shape[-1])
-    backend = conv_backend(self.backend, 1, gated=True)
-    fit = hyena_gate.fits if self.backend == "triton" else hyena_gate.supported
-    if backend == "triton" and fit(u.shape[1], u.shape[2], self.kernel_size):
+    backend = conv_backend(self.backend, 1, gated=True)  # "auto" is "triton" on GPUs only
+    if backend == "triton" and hyena_gate.fits(u.shape[1], u.shape[2], self.kernel_size):
       return hyena_gate.gated_conv(u, kernel, bias, gated_conv_xla)
     if backend == "pallas":
       return _gate(causal_conv_pallas(u, kernel, bias))

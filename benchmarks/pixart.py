@@ -3,7 +3,7 @@ teacher and its Hyena-X graft (the paper's layers) against shared/bench/torch_re
 (issue: PixArt-Sigma, point 5).
 
 python benchmarks/pixart.py [--torch FILE] [--image-size 2048] [--depth 28] [--gelu-kernel auto|xla]
-  [--attention auto|cudnn|xla] [--profile] [--out benchmarks/results]
+  [--attention auto|cudnn|xla|mosaic] [--profile] [--out benchmarks/results]
 `--torch` takes the JSON lines of `torch_reference.py pixart` from the same call. Targets: our teacher at least 1.15x
 faster than PyTorch eager; the graft at least 1.6x faster than our teacher. Writes pixart.json.
 """
@@ -65,7 +65,7 @@ def main():
   parser.add_argument("--depth", type=int, default=28, help="fewer layers for a smoke run (the plan is clipped)")
   parser.add_argument("--profile", action="store_true", help="add each forward's device time by kernel")
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
-  parser.add_argument("--attention", default="auto", help="self-attention's backend: auto, cudnn or xla")
+  parser.add_argument("--attention", default="auto", help="self-attention's backend: auto, cudnn, xla or mosaic")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   layers = [i for i in PAPER_LAYERS if i < args.depth]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
-from graft_jax.operators.kernels import sixteen_bit
+from graft_jax.operators.kernels import hopper_attention, sixteen_bit
 from graft_jax.operators.kernels.splash import splash_band_attention
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
@@ -67,14 +67,24 @@ def torch_fused_qkv(qkv_name: str, out_name: str):
   return from_torch
 
 
-MHA_BACKENDS = ("auto", "cudnn", "xla")
+MHA_BACKENDS = ("auto", "cudnn", "xla", "mosaic")
+
+
+def _fused_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation=attention_backend("auto", q.dtype))
 
 
 def self_attention(q, k, v, backend: str = "auto"):
-  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) q, k, v by `backend` (one of MHA_BACKENDS, as `attention_backend`
-  resolves it)."""
+  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) q, k, v by `backend`, one of MHA_BACKENDS: "cudnn" and "xla" as
+  `attention_backend` resolves them; "mosaic" the Hopper kernel (`kernels.hopper_attention`, forward only: a
+  differentiated call runs cuDNN, or XLA off a GPU); "auto" takes the kernel on Hopper GPUs where it beats cuDNN
+  (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64) and `attention_backend`'s choice elsewhere."""
   if backend not in MHA_BACKENDS:
     raise ValueError(f"attention backend must be one of {MHA_BACKENDS}, got {backend!r}")
+  if backend == "auto" and hopper_attention.supported(q.shape, k.shape, q.dtype) and hopper_attention.pays_off(q.shape):
+    backend = "mosaic"
+  if backend == "mosaic":
+    return hopper_attention.attention(q, k, v, _fused_attention)
   return jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(backend, q.dtype))
 
 

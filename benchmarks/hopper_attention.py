@@ -1,0 +1,51 @@
+"""The Hopper self-attention kernel (graft_jax/operators/kernels/hopper_attention.py) against cuDNN, forward, bf16.
+
+python benchmarks/hopper_attention.py [--out benchmarks/results]   (on a Hopper GPU)
+Shapes: 16 heads of 72 (DiT-XL/2's and PixArt-Sigma's) at PixArt's 2048 px and 1024 px, batch 2 (16,384 and 4,096
+tokens), 1,024 tokens at batch 64, and DiT-XL/2 at batch 256 (256 tokens, where cuDNN stays `auto`'s choice). Per
+shape: both paths' `loop_ms` (the kernel's with its head padding and cut, as MHA runs it), and each one's largest
+deviation from a float32 evaluation of the same bf16 inputs (the first 1,024 queries), relative to the largest
+output. Writes hopper_attention.json with the command, machine and date.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import kernel_benchmark
+from graft_jax.operators.attention import self_attention
+from graft_jax.operators.kernels import hopper_attention
+from graft_jax.timing import loop_ms
+
+HEADS, HEAD_DIM = 16, 72
+SHAPES = {"pixart_2048px_batch2": (2, 16384), "pixart_1024px_batch2": (2, 4096), "tokens1024_batch64": (64, 1024),
+          "dit_xl2_batch256": (256, 256)}
+
+
+def bench(batch: int, tokens: int) -> dict:
+  q, k, v = (jax.random.normal(key, (batch, tokens, HEADS, HEAD_DIM), jnp.bfloat16)
+             for key in jax.random.split(jax.random.key(0), 3))
+  f32 = lambda a: a.astype(jnp.float32)
+  rows = min(tokens, 1024)
+  exact = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(f32(q[:, :rows]), f32(k), f32(v)))(q, k, v)
+  scale = float(jnp.abs(exact).max())
+  row = {"batch": batch, "tokens": tokens, "heads": HEADS, "head_dim": HEAD_DIM,
+         "auto_takes_kernel": hopper_attention.pays_off(q.shape), "tiles": vars(hopper_attention.Tiles.for_tokens(tokens))}
+  for name, backend in (("cudnn", "cudnn"), ("kernel", "mosaic")):
+    fn = jax.jit(lambda q, k, v, backend=backend: self_attention(q, k, v, backend))
+    row[f"{name}_ms"] = loop_ms(fn, q, k, v, iters=30)
+    row[f"{name}_max_err_rel_to_max_output"] = float(jnp.abs(f32(fn(q, k, v)[:, :rows]) - exact).max()) / scale
+  row["speedup"] = row["cudnn_ms"] / row["kernel_ms"]
+  print(row, flush=True)
+  return row
+
+
+def main():
+  shapes = [(batch, tokens, HEADS, HEAD_DIM) for batch, tokens in SHAPES.values()]
+  available = all(hopper_attention.supported(shape, shape, jnp.bfloat16) for shape in shapes)
+  kernel_benchmark("hopper_attention", SHAPES, lambda shape: bench(*shape), available,
+                   "a Hopper GPU (the kernel is Mosaic GPU wgmma)")
+
+
+if __name__ == "__main__":
+  main()

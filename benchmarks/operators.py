@@ -16,8 +16,8 @@ from graft_jax.operators import build
 from graft_jax.timing import median_ms
 
 D = 1152
-OPERATORS = [("mha", {"backend": "cudnn"}), ("mha", {"backend": "xla"}), ("swa", {}), ("hyena_x", {}),
-             ("hyena_y", {}), ("hyena_se", {}), ("mamba2", {}), ("mamba2", {"ssd_kernel": "xla"}),
+OPERATORS = [("mha", {"backend": "cudnn"}), ("mha", {"backend": "xla"}), ("mha", {"backend": "mosaic"}), ("swa", {}),
+             ("hyena_x", {}), ("hyena_y", {}), ("hyena_se", {}), ("mamba2", {}), ("mamba2", {"ssd_kernel": "xla"}),
              ("mlp", {"ratio": 4.0}), ("mlp", {"ratio": 3.0}), ("mlp", {"ratio": 6.0}), ("mlp_hyena_x", {})]
 SHAPES = [(256, 256), (2, 16384)]
 

@@ -1,12 +1,13 @@
 """The Hopper self-attention kernel (operators/kernels/hopper_attention.py) behind MHA's backend "mosaic": it cannot
 run on a CPU, so these check what can be checked here. It lowers to Mosaic GPU at DiT's head width; differentiated
 calls take the cuDNN/XLA composition's values and gradients exactly; shapes it does not take fall back to that
-composition through the padding; "auto" picks it only where it beat cuDNN on the H200. Its numerics and speed are
+composition through the padding, also on batch shards under a sharded jit; "auto" picks it only where it beat cuDNN on the H200. Its numerics and speed are
 the H200's to measure (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_kernels import _sharded_matches_one_device
 
 from graft_jax import operators as ops
 from graft_jax.operators.attention import self_attention
@@ -44,12 +45,17 @@ def test_shapes_it_does_not_take_run_the_composition(shape):
   np.testing.assert_array_equal(self_attention(q, k, v, "mosaic"), self_attention(q, k, v, "xla"))
 
 
+def test_kernel_call_runs_on_batch_shards():
+  # float32 takes the composition inside the partitioned call, standing in for the kernel a CPU cannot run.
+  _sharded_matches_one_device(lambda q, k, v: self_attention(q, k, v, "mosaic"), _qkv((8, 64, 2, 72), jnp.float32))
+
+
 def test_auto_takes_the_kernel_only_where_it_paid_off():
   assert not hopper_attention.supported((2, 16384, 16, 72), (2, 16384, 16, 72), jnp.bfloat16)  # no GPU here
   assert hopper_attention.fits((2, 16384, 16, 72), (2, 16384, 16, 72), jnp.bfloat16)
   assert not hopper_attention.fits((2, 16384, 16, 72), (2, 16384, 16, 72), jnp.float32)
-  assert hopper_attention.pays_off((2, 16384, 16, 72)) and hopper_attention.pays_off((64, 1024, 16, 72))
-  assert not hopper_attention.pays_off((256, 256, 16, 72))  # DiT at 256 px: cuDNN is faster
+  assert hopper_attention.pays_off((2, 16384, 16, 72)) and hopper_attention.pays_off((2, 4096, 16, 72))
+  assert not hopper_attention.pays_off((64, 1024, 16, 72)) and not hopper_attention.pays_off((256, 256, 16, 72))
   assert not hopper_attention.pays_off((2, 16384, 16, 64))  # cuDNN does not round a head of 64 up
 
 

@@ -63,10 +63,11 @@ def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
 
 
 def pays_off(q_shape) -> bool:
-  """Where `auto` takes the kernel over cuDNN, from an H200 sweep (16 heads of 72, bf16): sequences of 1,024 tokens
-  and more (2 x 16,384: 5.09 against 6.64 ms; 16 x 4,096: 2.80 against 3.28; 64 x 1,024: 0.900 against 0.903; at
-  128 x 512 cuDNN wins, 0.524 against 0.595), and heads cuDNN rounds up, i.e. not a multiple of 64."""
-  return q_shape[1] >= 1024 and q_shape[-1] % 64 != 0
+  """Where `auto` takes the kernel over cuDNN, from benchmarks/hopper_attention.py on an H200 (16 heads of 72, bf16,
+  the kernel's time with its head padding and cut): 2 x 16,384 tokens 5.35 against 6.81 ms, 2 x 4,096 0.403 against
+  0.420; at 64 x 1,024 (1.30 against 0.91) and 256 x 256 the padding's passes cost more than the kernel saves. So:
+  sequences of 4,096 tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
+  return q_shape[1] >= 4096 and q_shape[-1] % 64 != 0
 
 
 def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):

@@ -30,7 +30,8 @@ def bench(batch: int, tokens: int) -> dict:
   exact = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(f32(q[:, :rows]), f32(k), f32(v)))(q, k, v)
   scale = float(jnp.abs(exact).max())
   row = {"batch": batch, "tokens": tokens, "heads": HEADS, "head_dim": HEAD_DIM,
-         "auto_takes_kernel": hopper_attention.pays_off(q.shape), "tiles": vars(hopper_attention.Tiles.for_tokens(tokens))}
+         "auto_takes_kernel": hopper_attention.pays_off(q.shape),
+         "tiles": vars(hopper_attention.Tiles.for_tokens(tokens))}
   for name, backend in (("cudnn", "cudnn"), ("kernel", "mosaic")):
     fn = jax.jit(lambda q, k, v, backend=backend: self_attention(q, k, v, backend))
     row[f"{name}_ms"] = loop_ms(fn, q, k, v, iters=30)

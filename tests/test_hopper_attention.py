@@ -1,8 +1,9 @@
 """The Hopper self-attention kernel (operators/kernels/hopper_attention.py) behind MHA's backend "mosaic": it cannot
 run on a CPU, so these check what can be checked here. It lowers to Mosaic GPU at DiT's head width; differentiated
 calls take the cuDNN/XLA composition's values and gradients exactly; shapes it does not take fall back to that
-composition through the padding, also on batch shards under a sharded jit; "auto" picks it only where it beat cuDNN on the H200. Its numerics and speed are
-the H200's to measure (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
+composition through the padding, also on batch shards under a sharded jit; "auto" picks it only where it beat cuDNN
+on the H200. Its numerics and speed are the H200's to measure (benchmarks/hopper_attention.py: error against a
+float32 evaluation, time against cuDNN)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -78,7 +78,7 @@ def self_attention(q, k, v, backend: str = "auto"):
   """softmax(q k^T / sqrt(d)) v for (B, N, H, d) q, k, v by `backend`, one of MHA_BACKENDS: "cudnn" and "xla" as
   `attention_backend` resolves them; "mosaic" the Hopper kernel (`kernels.hopper_attention`, forward only: a
   differentiated call runs cuDNN, or XLA off a GPU); "auto" takes the kernel on Hopper GPUs where it beats cuDNN
-  (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64) and `attention_backend`'s choice elsewhere."""
+  (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64), `attention_backend`'s choice elsewhere."""
   if backend not in MHA_BACKENDS:
     raise ValueError(f"attention backend must be one of {MHA_BACKENDS}, got {backend!r}")
   if backend == "auto" and hopper_attention.supported(q.shape, k.shape, q.dtype) and hopper_attention.pays_off(q.shape):

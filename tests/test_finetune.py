@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config
-from graft_jax.operators.init import DeferredBias
+from graft_jax.operators.init import LinearWeights
 from graft_jax.operators.mlp import DenseGELU
 from graft_jax.train import finetune, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
@@ -289,14 +289,16 @@ def test_bfloat16_compute_and_teacher_loss(lora_run):
 
 
 def lora_interceptor(factors, scale):
-  """Adds scale * (x a) b to the output of each adapted Dense: LoRA as a layer, independent of merge_lora."""
+  """Adds scale * (x a) b to the output of each adapted Dense (to the kernel attention applies itself): LoRA as a
+  layer, independent of merge_lora."""
   def intercept(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     key = tuple(context.module.path) + ("kernel",)
     if context.method_name == "__call__" and key + ("a",) in factors:
-      delta = scale * (args[0] @ factors[key + ("a",)]) @ factors[key + ("b",)]
-      if isinstance(context.module, DeferredBias):  # k and v return x @ kernel and their bias
-        return out[0] + delta, out[1]
+      a, b = factors[key + ("a",)], factors[key + ("b",)]
+      if isinstance(context.module, LinearWeights):  # attention's Linears return their weights, unapplied
+        return out[0] + scale * a @ b, out[1]
+      delta = scale * (args[0] @ a) @ b
       if isinstance(context.module, DenseGELU):  # fc1 returns its GELU: the delta enters before it
         p = context.module.variables["params"]
         return jax.nn.gelu(args[0] @ p["kernel"] + p["bias"] + delta, approximate=True)

@@ -1,9 +1,9 @@
 """The Hopper self-attention kernel (operators/kernels/hopper_attention.py) behind MHA's backend "mosaic": it cannot
-run on a CPU, so these check what can be checked here. It lowers to Mosaic GPU at DiT's head width; differentiated
-calls take the cuDNN/XLA composition's values and gradients exactly; shapes it does not take fall back to that
-composition through the padding, also on batch shards under a sharded jit; "auto" picks it only where it beat cuDNN
-on the H200. Its numerics and speed are the H200's to measure (benchmarks/hopper_attention.py: error against a
-float32 evaluation, time against cuDNN)."""
+run on a CPU, so these check what can be checked here. MHA lowers to it at DiT's head width, its heads padded by the
+projections' weights; differentiated calls take the unpadded cuDNN/XLA composition's values and gradients exactly;
+where the kernel does not take the shapes, the padded composition equals the unpadded one, also on batch shards
+under a sharded jit; "auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the
+H200's to measure (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,59 +11,70 @@ import pytest
 from test_kernels import _sharded_matches_one_device
 
 from graft_jax import operators as ops
-from graft_jax.operators.attention import self_attention
+from graft_jax.operators.attention import softmax_attention
 from graft_jax.operators.kernels import hopper_attention
 
-
-def _qkv(shape, dtype=jnp.bfloat16):
-  return [jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.key(0), 3)]
+HEADS, HEAD_DIM = 2, 72
 
 
-def test_kernel_lowers_to_mosaic_gpu():
-  # Heads of 72 padded to 80; 512 tokens: two 256-key steps, two programs of 128 queries per (batch, head).
-  spec = jax.ShapeDtypeStruct((2, 512, 2, 72), jnp.bfloat16)
+def _mha(backend: str, tokens: int, dtype=jnp.bfloat16):
+  x = jax.random.normal(jax.random.key(0), (2, tokens, HEADS * HEAD_DIM), dtype)
+  module = ops.build("mha", HEADS * HEAD_DIM, num_heads=HEADS, backend=backend)
+  params = jax.tree.map(lambda a: a.astype(dtype), module.init(jax.random.key(1), x))
+  params["params"]["v"]["bias"] = jnp.ones_like(params["params"]["v"]["bias"])  # folded into proj's bias
+  return module, params, x
+
+
+def test_mha_lowers_to_the_kernel():
+  # 512 tokens: two 256-key steps, two programs of 128 queries per (batch, head).
+  module, params, x = _mha("mosaic", 512)
   exported = jax.export.export(
-      jax.jit(lambda q, k, v: self_attention(q, k, v, "mosaic")), platforms=["cuda"],
+      jax.jit(module.apply), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
-  )(spec, spec, spec)
+  )(params, x)
   assert "mosaic_gpu" in exported.mlir_module()
-  assert exported.out_avals[0].shape == (2, 512, 2, 72)
+  assert exported.out_avals[0].shape == x.shape
 
 
-def test_differentiated_call_takes_the_composition():
-  q, k, v = _qkv((2, 512, 2, 72))
-  cotangent = jax.random.normal(jax.random.key(1), q.shape, q.dtype)
-  xla, fused = (jax.vjp(lambda q, k, v: self_attention(q, k, v, backend), q, k, v) for backend in ("xla", "mosaic"))
+def test_differentiated_mha_takes_the_unpadded_composition():
+  module, params, x = _mha("mosaic", 512)
+  xla, fused = (jax.vjp(ops.build("mha", x.shape[-1], num_heads=HEADS, backend=b).apply, params, x)
+                for b in ("xla", "mosaic"))
   np.testing.assert_array_equal(xla[0], fused[0])
-  for a, b in zip(xla[1](cotangent), fused[1](cotangent)):
+  cotangent = jax.random.normal(jax.random.key(2), x.shape, x.dtype)
+  for a, b in zip(jax.tree.leaves(xla[1](cotangent)), jax.tree.leaves(fused[1](cotangent))):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("shape", [(2, 96, 2, 72), (1, 512, 2, 8)])
-def test_shapes_it_does_not_take_run_the_composition(shape):
-  # 96 tokens are no whole tile; float32 is no kernel dtype. Both go through the padding and back.
-  q, k, v = _qkv(shape, jnp.float32)
-  np.testing.assert_array_equal(self_attention(q, k, v, "mosaic"), self_attention(q, k, v, "xla"))
+@pytest.mark.parametrize("tokens", [512, 96])
+def test_padded_heads_equal_the_unpadded_composition(tokens):
+  # float32 is no kernel dtype (and 96 tokens no whole tile): the padded projections, the reference on 80-channel
+  # heads and the padded output projection run instead of the kernel.
+  module, params, x = _mha("mosaic", tokens, jnp.float32)
+  xla = ops.build("mha", x.shape[-1], num_heads=HEADS, backend="xla")
+  np.testing.assert_allclose(module.apply(params, x), xla.apply(params, x), atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_call_runs_on_batch_shards():
-  # float32 takes the composition inside the partitioned call, standing in for the kernel a CPU cannot run.
-  _sharded_matches_one_device(lambda q, k, v: self_attention(q, k, v, "mosaic"), _qkv((8, 64, 2, 72), jnp.float32))
+  # float32 takes the reference inside the partitioned call, standing in for the kernel a CPU cannot run.
+  width = hopper_attention.padded_width(HEAD_DIM)
+  q, k, v = (jnp.pad(jax.random.normal(key, (8, 64, HEADS, HEAD_DIM)), [(0, 0)] * 3 + [(0, width - HEAD_DIM)])
+             for key in jax.random.split(jax.random.key(3), 3))
+  reference = lambda q, k, v: softmax_attention(q, k, v, HEAD_DIM)
+  _sharded_matches_one_device(lambda q, k, v: hopper_attention.attention(q, k, v, HEAD_DIM, reference), [q, k, v])
 
 
 def test_auto_takes_the_kernel_only_where_it_paid_off():
-  assert not hopper_attention.supported((2, 16384, 16, 72), (2, 16384, 16, 72), jnp.bfloat16)  # no GPU here
-  assert hopper_attention.fits((2, 16384, 16, 72), (2, 16384, 16, 72), jnp.bfloat16)
-  assert not hopper_attention.fits((2, 16384, 16, 72), (2, 16384, 16, 72), jnp.float32)
-  assert hopper_attention.pays_off((2, 16384, 16, 72)) and hopper_attention.pays_off((2, 4096, 16, 72))
+  shape = (2, 16384, 16, 72)
+  assert not hopper_attention.supported(shape, shape, jnp.bfloat16)  # no GPU here
+  assert hopper_attention.fits(shape, shape, jnp.bfloat16) and not hopper_attention.fits(shape, shape, jnp.float32)
+  assert hopper_attention.pays_off(shape) and hopper_attention.pays_off((2, 4096, 16, 72))
   assert not hopper_attention.pays_off((64, 1024, 16, 72)) and not hopper_attention.pays_off((256, 256, 16, 72))
   assert not hopper_attention.pays_off((2, 16384, 16, 64))  # cuDNN does not round a head of 64 up
+  assert hopper_attention.padded_width(72) == 80 and hopper_attention.padded_width(64) == 64
 
 
-def test_mha_module_takes_the_backend():
-  x = jax.random.normal(jax.random.key(2), (2, 256, 64))
-  mha, xla = (ops.build("mha", 64, num_heads=4, backend=backend) for backend in ("mosaic", "xla"))
-  params = xla.init(jax.random.key(3), x)
-  np.testing.assert_array_equal(mha.apply(params, x), xla.apply(params, x))
+def test_unknown_backend_is_one_sentence():
+  module = ops.build("mha", HEADS * HEAD_DIM, num_heads=HEADS, backend="flash")
   with pytest.raises(ValueError, match=r"^attention backend must be one of \('auto', 'cudnn', 'xla', 'mosaic'\)"):
-    ops.build("mha", 64, num_heads=4, backend="flash").apply(params, x)
+    module.init(jax.random.key(0), jnp.zeros((1, 256, HEADS * HEAD_DIM)))

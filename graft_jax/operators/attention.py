@@ -1,13 +1,15 @@
 """Softmax attention operators: full multi-head self-attention (MHA) with a backend choice."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
-from graft_jax.operators.kernels import hopper_attention, sixteen_bit
+from graft_jax.operators.kernels import forward_only, hopper_attention, sixteen_bit
 from graft_jax.operators.kernels.splash import splash_band_attention
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
@@ -24,9 +26,31 @@ def attention_backend(requested: str, dtype) -> str:
   return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit(dtype) else "xla"
 
 
-def project_heads(x: jax.Array, num_heads: int):
-  """The q, k, v Linears (submodules "q", "k", "v", each (D, D) with a bias; PyTorch's fused qkv Linear split, and
-  initialised as that one matrix is) on (B, N, D) -> q, k, v, each (B, N, H, D/H), and v's bias for `project_out`.
+def attention_weights(x: jax.Array) -> tuple[jax.Array, dict]:
+  """x and the (kernel, bias) of attention's q, k, v and output Linears (submodules "q", "k", "v", "proj"; q, k, v
+  each (D, D), PyTorch's fused qkv Linear split and initialised as that one matrix is), promoted to one dtype as
+  nn.Dense does."""
+  d = x.shape[-1]
+  part = init.fused_part_init(3)
+  weights = {name: init.LinearWeights(d, part, name=name)(d) for name in "qkv"}
+  weights["proj"] = init.LinearWeights(d, name="proj")(d)
+  x, *leaves = nn.dtypes.promote_dtype(x, *jax.tree.leaves(weights))
+  return x, jax.tree.unflatten(jax.tree.structure(weights), leaves)
+
+
+def _pad_heads(a: jax.Array, num_heads: int, width: int | None, axis: int) -> jax.Array:
+  """a with each of the num_heads equal parts of `axis` zero-padded at its end to `width` channels (None: as is)."""
+  if width is None:
+    return a
+  a = jnp.moveaxis(a, axis, -1)
+  a = a.reshape(*a.shape[:-1], num_heads, -1)
+  a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
+  return jnp.moveaxis(a.reshape(*a.shape[:-2], -1), -1, axis)
+
+
+def project_heads(x: jax.Array, weights: dict, num_heads: int, width: int | None = None):
+  """(B, N, D) -> q, k, v, each (B, N, H, D/H), or (B, N, H, width) with every head zero-padded (`width`: the Hopper
+  kernel's layout, made by padding the weights' columns, so no pass over the activations).
 
   Only q gets its bias here, and as a whole parameter of its own, which XLA adds in cuBLAS's matmul epilogue (from a
   slice of a fused (D, 3D) parameter it did not: each bias add was then its own pass over a (tokens, D) output,
@@ -35,27 +59,20 @@ def project_heads(x: jax.Array, num_heads: int):
   `project_out` adds b_v W_o to the output bias instead. Both hold for any softmax attention over these keys (full,
   windowed, masked).
   """
-  b, n, d = x.shape
-  part = init.fused_part_init(3)
-  q = init.dense(d, "q", kernel_init=part)(x)
-  k, _ = init.DeferredBias(d, part, name="k")(x)
-  v, v_bias = init.DeferredBias(d, part, name="v")(x)
-  return (*[y.reshape(b, n, num_heads, -1) for y in (q, k, v)], v_bias)
+  b, n, _ = x.shape
+  pad = lambda a: _pad_heads(a, num_heads, width, axis=-1)
+  (wq, bq), (wk, _), (wv, _) = (weights[name] for name in "qkv")
+  q, k, v = x @ pad(wq) + pad(bq), x @ pad(wk), x @ pad(wv)
+  return [y.reshape(b, n, num_heads, -1) for y in (q, k, v)]
 
 
-class OutputProjection(nn.Module):
-  """Attention's output Linear (DiT's initialisation) with the values' bias folded in: y W + (b + b_v W)."""
-  features: int
-
-  @nn.compact
-  def __call__(self, y, v_bias):
-    y, kernel, bias = init.dense_params(self, y, self.features)
-    return y @ kernel + (bias + v_bias.astype(kernel.dtype) @ kernel)
-
-
-def project_out(y: jax.Array, v_bias: jax.Array, features: int) -> jax.Array:
-  """The output Linear (submodule "proj") of attention whose values came from `project_heads`, on (B, N, H, d)."""
-  return OutputProjection(features, name="proj")(y.reshape(*y.shape[:2], -1), v_bias)
+def project_out(y: jax.Array, weights: dict, width: int | None = None) -> jax.Array:
+  """The output Linear on (B, N, H, d) values from `project_heads` (or (B, N, H, width), the rows of the weights
+  padded to match), with the values' bias folded in: y W + (b + b_v W)."""
+  (wo, bo), bv = weights["proj"], weights["v"][1]
+  fold = bo + bv @ wo
+  wo = _pad_heads(wo, y.shape[2], width, axis=0)
+  return y.reshape(*y.shape[:2], -1) @ wo + fold
 
 
 def torch_fused_qkv(qkv_name: str, out_name: str):
@@ -70,29 +87,50 @@ def torch_fused_qkv(qkv_name: str, out_name: str):
 MHA_BACKENDS = ("auto", "cudnn", "xla", "mosaic")
 
 
-def _fused_attention(q, k, v):
-  return jax.nn.dot_product_attention(q, k, v, implementation=attention_backend("auto", q.dtype))
+def mha_backend(requested: str, q_shape, dtype) -> str:
+  """MHA's backend (one of MHA_BACKENDS) for (B, N, H, d) queries: "cudnn" and "xla" as `attention_backend` resolves
+  them; "mosaic" the Hopper kernel (`kernels.hopper_attention`); "auto" takes the kernel on Hopper GPUs where it
+  beat cuDNN (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64), `attention_backend`'s choice
+  elsewhere."""
+  if requested not in MHA_BACKENDS:
+    raise ValueError(f"attention backend must be one of {MHA_BACKENDS}, got {requested!r}")
+  if requested == "auto" and hopper_attention.supported(q_shape, q_shape, dtype) and hopper_attention.pays_off(q_shape):
+    return "mosaic"
+  return requested if requested == "mosaic" else attention_backend(requested, dtype)
 
 
-def self_attention(q, k, v, backend: str = "auto"):
-  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) q, k, v by `backend`, one of MHA_BACKENDS: "cudnn" and "xla" as
-  `attention_backend` resolves them; "mosaic" the Hopper kernel (`kernels.hopper_attention`, forward only: a
-  differentiated call runs cuDNN, or XLA off a GPU); "auto" takes the kernel on Hopper GPUs where it beats cuDNN
-  (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64), `attention_backend`'s choice elsewhere."""
-  if backend not in MHA_BACKENDS:
-    raise ValueError(f"attention backend must be one of {MHA_BACKENDS}, got {backend!r}")
-  if backend == "auto" and hopper_attention.supported(q.shape, k.shape, q.dtype) and hopper_attention.pays_off(q.shape):
-    backend = "mosaic"
-  if backend == "mosaic":
-    return hopper_attention.attention(q, k, v, _fused_attention)
-  return jax.nn.dot_product_attention(q, k, v, implementation=attention_backend(backend, q.dtype))
+def softmax_attention(q, k, v, head_dim: int | None = None):
+  """cuDNN's (16-bit on a GPU) or XLA's attention; `head_dim` the heads' width before zero-padding (the scale)."""
+  scale = None if head_dim is None else head_dim ** -0.5
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=attention_backend("auto", q.dtype))
+
+
+def _mha(x, weights, num_heads: int, implementation: str):
+  q, k, v = project_heads(x, weights, num_heads)
+  y = kept(jax.nn.dot_product_attention(q, k, v, implementation=implementation))
+  return project_out(y, weights)
+
+
+def _mha_on_hopper_kernel(x, weights, num_heads: int):
+  """`_mha` with the attention on the Hopper kernel, heads zero-padded by the projections' weights (11% more
+  projection FLOPs at 72 -> 80, against two passes over q, k, v and the output to pad and cut them). Forward only:
+  differentiated calls (a train step) run `_mha` on cuDNN, unpadded."""
+  head_dim = x.shape[-1] // num_heads
+  width = hopper_attention.padded_width(head_dim)
+
+  def fused(x, weights):
+    q, k, v = project_heads(x, weights, num_heads, width)
+    reference = functools.partial(softmax_attention, head_dim=head_dim)
+    return project_out(hopper_attention.attention(q, k, v, head_dim, reference), weights, width)
+  reference = lambda x, weights: _mha(x, weights, num_heads, attention_backend("auto", x.dtype))
+  return forward_only(fused, reference)(x, weights)
 
 
 @register("mha", "attn", defaults={"num_heads": 16, "backend": "auto"},
           torch_modules=("qkv", "proj"), from_torch=torch_fused_qkv("qkv", "proj"))
 class MultiHeadAttention(nn.Module):
   """DiT's attention: q, k, v Linears with bias, softmax(q k^T / sqrt(d)) v over all tokens, output projection.
-  `backend`: see `self_attention`."""
+  `backend`: see `mha_backend`."""
   dim: int
   num_heads: int = 16
   backend: str = "auto"
@@ -101,9 +139,11 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x):
     if self.dim % self.num_heads:
       raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
-    q, k, v, v_bias = project_heads(x, self.num_heads)
-    y = kept(self_attention(q, k, v, self.backend))
-    return project_out(y, v_bias, self.dim)
+    x, weights = attention_weights(x)
+    backend = mha_backend(self.backend, (*x.shape[:2], self.num_heads, self.dim // self.num_heads), x.dtype)
+    if backend == "mosaic":
+      return _mha_on_hopper_kernel(x, weights, self.num_heads)
+    return _mha(x, weights, self.num_heads, backend)
 
 
 def real_keys_first(k, v, mask):
@@ -258,7 +298,8 @@ class SlidingWindowAttention(nn.Module):
       raise ValueError(f"SWA backend must be one of {SWA_BACKENDS}, got {self.backend!r}")
     if self.backend in ("tiled", "splash") and self.grid is not None:
       raise ValueError(f"the {self.backend} SWA backend runs 1-D windows only; use 'shift' (or 'auto') with a grid")
-    q, k, v, v_bias = project_heads(x, self.num_heads)
+    x, weights = attention_weights(x)
+    q, k, v = project_heads(x, weights, self.num_heads)
     backend = swa_backend(self.backend, self.grid)
     if backend == "splash":
       y = splash_band_attention(q, k, v, self.window)
@@ -266,4 +307,4 @@ class SlidingWindowAttention(nn.Module):
       y = tiled_band_attention(q, k, v, self.window)
     else:
       y = neighbourhood_attention(q, k, v, self.window, self.grid)
-    return project_out(y, v_bias, self.dim)
+    return project_out(y, weights)

@@ -51,16 +51,17 @@ class FusedDense(nn.Module):
     return [x @ kernel[:, cut] + bias[cut] if self.use_bias else x @ kernel[:, cut] for cut in cuts(self.widths)]
 
 
-class DeferredBias(nn.Module):
-  """A Linear (nn.Dense's parameters, DiT's initialisation unless `kernel_init`) that returns x @ kernel and leaves
-  its bias to the caller, for a bias that can be folded into a later step or cancels there."""
+class LinearWeights(nn.Module):
+  """A Linear's (kernel, bias) (nn.Dense's parameter names; DiT's initialisation unless `kernel_init`), unapplied,
+  for a caller that applies several Linears its own way (attention folds biases and pads heads); `in_features` is
+  the input's width."""
   features: int
   kernel_init: Callable = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, x) -> tuple[jax.Array, jax.Array]:
-    x, kernel, bias = dense_params(self, x, self.features, kernel_init=self.kernel_init)
-    return x @ kernel, bias
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param("kernel", self.kernel_init, (in_features, self.features)),
+            self.param("bias", nn.initializers.zeros, (self.features,)))
 
 
 def dense_from_torch(tensors: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

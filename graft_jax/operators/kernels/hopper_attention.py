@@ -1,17 +1,18 @@
 """Softmax self-attention forward for heads cuDNN rounds up (DiT's and PixArt's 72) as one Mosaic GPU kernel for Hopper.
 
 cuDNN runs a head of 72 on tiles of 128 channels: on an H200 it takes 6.6-6.8 ms at PixArt's 2048 px (B=2,
-N=16,384, 16 heads), against 4.71 ms for a head of 64. Here heads are zero-padded to the next multiple of 16 (80),
-wgmma's k step, and kept in shared memory as 8-row tiles of 32-byte swizzled rows, which Mosaic's TMA can cut from a
-(B, N, H, 80) array (a 128-byte swizzle needs the head to be a multiple of 64): q k^T and p v cost what a head of 80
-does. At 2 x 16,384 tokens it takes 5.09 ms against cuDNN's 6.64 (benchmarks/hopper_attention.py).
+N=16,384, 16 heads), against 4.71 ms for a head of 64. Here heads come zero-padded to the next multiple of 16 (80),
+wgmma's k step (MHA pads its projections' weights, so no pass over the activations does it), and sit in shared
+memory as 8-row tiles of 32-byte swizzled rows, which Mosaic's TMA can cut from a (B, N, H, 80) array (a 128-byte
+swizzle needs the head to be a multiple of 64): q k^T and p v cost what a head of 80 does. At 2 x 16,384 tokens it
+takes 5.09 ms against cuDNN's 6.64 (benchmarks/hopper_attention.py).
 
 Structure (FlashAttention-3's): a program takes 2 x block_q queries of one (batch, head); two compute warpgroups take
 block_q rows each and keep an online softmax in float32 registers; the third warpgroup streams k and v through a
 ring of shared-memory stages with TMA. A barrier between the two compute warpgroups makes them take turns on the
 tensor cores, so one's exponentials run while the other's matmuls do. exp2 is the hardware approximation.
 
-Forward only (`kernels.forward_only`): a differentiated call runs the composition it replaces (cuDNN or XLA).
+Forward only (`kernels.forward_only`): a differentiated call runs the caller's reference (cuDNN or XLA).
 """
 from __future__ import annotations
 
@@ -63,10 +64,10 @@ def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
 
 
 def pays_off(q_shape) -> bool:
-  """Where `auto` takes the kernel over cuDNN, from benchmarks/hopper_attention.py on an H200 (16 heads of 72, bf16,
-  the kernel's time with its head padding and cut): 2 x 16,384 tokens 5.35 against 6.81 ms, 2 x 4,096 0.403 against
-  0.420; at 64 x 1,024 (1.30 against 0.91) and 256 x 256 the padding's passes cost more than the kernel saves. So:
-  sequences of 4,096 tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
+  """Where `auto` takes the kernel over cuDNN, from H200 measurements (16 heads of 72, bf16; README, Measured): at
+  2 x 16,384 tokens 5.09 against 6.64 ms, 2 x 4,096 0.347 against 0.422, but at 64 x 1,024 0.900 against 0.903
+  and at 256 x 256 0.408 against 0.336, before the padded projections' 11% more FLOPs. So: sequences of 4,096
+  tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
   return q_shape[1] >= 4096 and q_shape[-1] % 64 != 0
 
 
@@ -179,22 +180,23 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
       compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v)
 
 
-def attention(q, k, v, reference, *, tiles: Tiles | None = None):
-  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) 16-bit q, k, v through the kernel in undifferentiated calls, heads
-  zero-padded to a multiple of _GRAIN on the way in and cut back on the way out (zero channels add nothing to the
-  logits and come out zero); it compiles only for a Hopper GPU (`supported`). `reference(q, k, v)` is the
-  composition it replaces: differentiated calls run it, as do batch shards whose shapes do not `fit` (under a
-  sharded jit `supported` saw only the global shape). The attention module passes it in: it cannot be imported
-  from here without a cycle."""
-  d = q.shape[-1]
-  padded = -(-d // _GRAIN) * _GRAIN
-  grow = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, padded - d)])
+def padded_width(head_dim: int) -> int:
+  """The kernel's head width for heads of head_dim channels: the next multiple of _GRAIN."""
+  return -(-head_dim // _GRAIN) * _GRAIN
+
+
+def attention(q, k, v, head_dim: int, reference, *, tiles: Tiles | None = None):
+  """softmax(q k^T / sqrt(head_dim)) v for (B, N, H, p) 16-bit q, k, v whose heads are zero-padded from head_dim to
+  p = padded_width(head_dim) channels (zero channels add nothing to the logits and come out zero), through the
+  kernel; it compiles only for a Hopper GPU (`supported`). `reference(q, k, v)` computes the same on the padded
+  operands: differentiated calls run it, as do batch shards whose shapes do not `fit` (under a sharded jit
+  `supported` saw only the global shape). The attention module passes it in: it cannot be imported from here
+  without a cycle."""
+  if q.shape[-1] != padded_width(head_dim):
+    raise ValueError(f"heads of {head_dim} take {padded_width(head_dim)} channels here, got {q.shape[-1]}")
 
   def call(q, k, v):
     if fits(q.shape, k.shape, q.dtype, tiles):
-      return _kernel_call(q, k, v, tiles or Tiles.for_tokens(q.shape[1]), d)
-    return grow(reference(q[..., :d], k[..., :d], v[..., :d]))
-
-  def fused(q, k, v):
-    return batch_partitioned(call)(grow(q), grow(k), grow(v))[..., :d]
-  return forward_only(fused, reference)(q, k, v)
+      return _kernel_call(q, k, v, tiles or Tiles.for_tokens(q.shape[1]), head_dim)
+    return reference(q, k, v)
+  return forward_only(batch_partitioned(call), reference)(q, k, v)

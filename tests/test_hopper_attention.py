@@ -72,6 +72,7 @@ def test_auto_takes_the_kernel_only_where_it_paid_off():
   assert not hopper_attention.pays_off((64, 1024, 16, 72)) and not hopper_attention.pays_off((256, 256, 16, 72))
   assert not hopper_attention.pays_off((2, 16384, 16, 64))  # cuDNN does not round a head of 64 up
   assert hopper_attention.padded_width(72) == 80 and hopper_attention.padded_width(64) == 64
+  assert not hopper_attention.fits((2, 16384, 16, 96), (2, 16384, 16, 96), jnp.bfloat16)
 
 
 def test_unknown_backend_is_one_sentence():

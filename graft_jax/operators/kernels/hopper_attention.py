@@ -1,4 +1,4 @@
-"""Softmax self-attention forward for heads cuDNN rounds up (DiT's and PixArt's 72) as one Mosaic GPU kernel for Hopper.
+"""Self-attention forward for heads of up to 80 channels (DiT's and PixArt's 72) as one Mosaic GPU kernel for Hopper.
 
 cuDNN runs a head of 72 on tiles of 128 channels: on an H200 it takes 6.6-6.8 ms at PixArt's 2048 px (B=2,
 N=16,384, 16 heads), against 4.71 ms for a head of 64. Here heads come zero-padded to the next multiple of 16 (80),
@@ -30,6 +30,10 @@ from graft_jax.operators.kernels import batch_partitioned, forward_only, sixteen
 
 _F32 = jnp.float32
 _GRAIN = 16  # heads are padded to a multiple of this many channels (wgmma's k step)
+# The widest padded head: at 256 keys x 2 stages, k and v take 160 KB of shared memory at 80 channels (a Hopper SM
+# has 227 KB), and a compute warpgroup's registers hold the (64, 256) logits, their bf16 copy and the (64, 80)
+# output; wider heads would need other tiles, which nothing here has measured.
+_WIDEST = 80
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +51,11 @@ class Tiles:
 
 
 def fits(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
-  """16-bit (B, N, H, d) self-attention operands with heads of at most 256 channels (wgmma's widest n), on whole
-  tiles: the kernel has no edge masks."""
+  """16-bit (B, N, H, d) self-attention operands with heads of at most _WIDEST channels, on whole tiles: the kernel
+  has no edge masks."""
   b, n, h, d = q_shape
   tiles = tiles or Tiles.for_tokens(n)
-  return (sixteen_bit(dtype) and tuple(k_shape) == tuple(q_shape) and d <= 256
+  return (sixteen_bit(dtype) and tuple(k_shape) == tuple(q_shape) and d <= _WIDEST
           and n % (2 * tiles.block_q) == 0 and n % tiles.block_kv == 0 and n // tiles.block_kv >= tiles.stages)
 
 

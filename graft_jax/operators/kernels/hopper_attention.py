@@ -82,7 +82,7 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
   steps = n // bkv
   # Logits in base 2: exp(s / sqrt(d)) = exp2(s * c).
   c = math.log2(math.e) / math.sqrt(head_dim)
-  # wgmma reads shared memory in 8-row tiles of swizzled rows; 32-byte rows are what a head of 16 k takes.
+  # wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any padded head.
   transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * jnp.dtype(q.dtype).itemsize))
 
   def body(q_ref, k_ref, v_ref, o_ref, smem, loaded, freed, turn):
@@ -125,6 +125,8 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
         l = l * alpha + e.sum(axis=1)
         o = o * lax.broadcast_in_dim(alpha, o.shape, (0,))
         e = e.astype(q.dtype)
+        # Keeps the rescale and the cast from sinking past the hand-over: this warpgroup's exponentials finish
+        # before the other one's matmuls start.
         o, l, m_new, e = lax.optimization_barrier((o, l, m_new, e))
         plgpu.barrier_arrive(turn)  # done with the exponentials: the other warpgroup's matmuls may go
         plgpu.barrier_wait(v_loaded.at[slot])
@@ -142,8 +144,9 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
 
       o = plgpu.layout_cast(jnp.zeros((bq, p), _F32), plgpu.Layout.WGMMA)
       o, _, l = lax.fori_loop(0, steps, step, (o, row_stat(-jnp.inf), row_stat(0.0)))
-      pl.when(wg == 0)(take_turn)
+      pl.when(wg == 0)(take_turn)  # the turn warpgroup 1 took before its loop
 
+      # q's tile is free once the loop ends: the output is staged there for its TMA store.
       q_tile[...] = (o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))).astype(q.dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, rows, head])

@@ -22,6 +22,7 @@ def _mha(backend: str, tokens: int, dtype=jnp.bfloat16):
   module = ops.build("mha", HEADS * HEAD_DIM, num_heads=HEADS, backend=backend)
   params = jax.tree.map(lambda a: a.astype(dtype), module.init(jax.random.key(1), x))
   params["params"]["v"]["bias"] = jnp.ones_like(params["params"]["v"]["bias"])  # folded into proj's bias
+  params["params"]["q"]["bias"] = jnp.full_like(params["params"]["q"]["bias"], 0.5)  # padded with q's columns
   return module, params, x
 
 

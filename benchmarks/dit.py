@@ -2,9 +2,10 @@
 the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
 
 python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel auto|xla]
-  [--attention auto|cudnn|xla] [--data N] [--fsdp N] [--profile] [--out DIR]
+  [--attention auto|cudnn|xla|mosaic] [--data N] [--fsdp N] [--profile] [--out DIR]
 The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
-JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json and depth_to_width.json.
+JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json (dit_xl2_train.json or
+dit_xl2_forward.json when --what has only one of the two) and depth_to_width.json.
 With --data / --fsdp the train step and the forward run sharded over that many devices (the training code's mesh;
 the batch split over both axes), and the results go to dit_xl2_data{N}_fsdp{N}.json; peak memory is device 0's.
 """
@@ -83,8 +84,9 @@ def forward_ms(model, params, batch) -> float:
   return loop_ms(forward_runner(model, params, batch))
 
 
-def bench_train(batch_size: int, remat: str = "none", profile: bool = False, forward: bool = True,
-                gelu_kernel: str = "auto", mesh_sizes: dict | None = None, attention: str = "auto") -> list[dict]:
+def bench_dit(batch_size: int, remat: str = "none", profile: bool = False, train: bool = True, forward: bool = True,
+              gelu_kernel: str = "auto", mesh_sizes: dict | None = None, attention: str = "auto") -> list[dict]:
+  """The stage-2 train step's row (when `train`), then the forward's (when `forward`), on one mesh."""
   cfg = with_options(dit_config("DiT-XL/2", remat=remat), "mlp", "mlp", gelu_kernel=gelu_kernel)
   cfg = with_options(cfg, "attn", "mha", backend=attention)
   model, params = DiT(cfg), init_params(cfg, jax.random.key(0))
@@ -92,16 +94,18 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   config.update(dict(batch_size=batch_size, mesh=mesh_sizes or {"data": 1, "fsdp": 1}))
   mesh = partition.make_mesh(config.mesh, jax.devices()[:math.prod(config.mesh.values())])
   sharded = {"devices": mesh.size, "mesh": dict(config.mesh)} if mesh.size > 1 else {}
-  run = train_runner(config, model, params, mesh, batch_of(batch_size))
-  ms = train_step_ms(run)
-  train = {"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, **sharded, **ms,
-           "img_per_s": batch_size / ms["ms"] * 1e3, "peak_mem_gb": peak_memory_gb()}
-  if profile:
-    train["profile"] = call_profile(run, top=40)
-  print(train, flush=True)
+  rows = []
+  if train:
+    run = train_runner(config, model, params, mesh, batch_of(batch_size))
+    ms = train_step_ms(run)
+    rows.append({"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, **sharded, **ms,
+                 "img_per_s": batch_size / ms["ms"] * 1e3, "peak_mem_gb": peak_memory_gb()})
+    if profile:
+      rows[-1]["profile"] = call_profile(run, top=40)
+    print(rows[-1], flush=True)
+    del run  # frees the train state before the forward runs
   if not forward:
-    return [train]
-  del run  # frees the train state before the forward runs
+    return rows
   run = forward_runner(model, params, batch_of(batch_size), mesh if mesh.size > 1 else None)
   fwd = timings(run)
   forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, "attention": attention,
@@ -110,7 +114,7 @@ def bench_train(batch_size: int, remat: str = "none", profile: bool = False, for
   if profile:
     forward["profile"] = call_profile(run, top=25)
   print(forward, flush=True)
-  return [train, forward]
+  return rows + [forward]
 
 
 def bench_depth() -> list[dict]:
@@ -140,22 +144,26 @@ def torch_rows(path: str | None) -> dict:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--what", default="train,forward,depth", help="forward runs only alongside train")
+  parser.add_argument("--what", default="train,forward,depth", help="any of train, forward, depth (comma-separated)")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--remat", default="none", help="the model's remat policy for the train step")
   parser.add_argument("--profile", action="store_true", help="add each run's device time by kernel")
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
-  parser.add_argument("--attention", default="auto", help="MHA's backend: auto, cudnn or xla")
+  parser.add_argument("--attention", default="auto", help="MHA's backend: auto, cudnn, xla or mosaic")
   parser.add_argument("--data", type=int, default=1, help="devices along the mesh's data axis")
   parser.add_argument("--fsdp", type=int, default=1, help="devices along the mesh's fsdp axis")
   parser.add_argument("--torch", help="JSON lines printed by shared/bench/torch_reference.py in the same run")
   parser.add_argument("--out", default="benchmarks/results")
   args = parser.parse_args()
   what = args.what.split(",")
-  if "train" in what:
+  unknown = sorted(set(what) - {"train", "forward", "depth"})
+  if unknown:
+    parser.error(f"--what takes train, forward and depth, not {', '.join(unknown)}.")
+  runs = [w for w in ("train", "forward") if w in what]
+  if runs:
     mesh = {"data": args.data, "fsdp": args.fsdp}
-    rows = bench_train(args.batch, args.remat, args.profile, forward="forward" in what, gelu_kernel=args.gelu_kernel,
-                       mesh_sizes=mesh, attention=args.attention)
+    rows = bench_dit(args.batch, args.remat, args.profile, train="train" in runs, forward="forward" in runs,
+                     gelu_kernel=args.gelu_kernel, mesh_sizes=mesh, attention=args.attention)
     ref = torch_rows(args.torch)
     extra = {"torch_reference": list(ref.values())}
     # Each row's torch.compile counterpart and the speed-up the issue asks over it.
@@ -167,7 +175,9 @@ def main():
         row["vs_torch_compile"] = row["img_per_s"] / ref[name]["img_per_s"]
         row["target_met"] = row["vs_torch_compile"] >= speedup and (row.get("peak_mem_gb") or 0) < 80
     extra["targets"] = {"train_vs_torch_compile": 1.2, "forward_vs_torch_compile": 1.15, "train_peak_mem_gb": 80}
-    name = "dit_xl2" if args.data * args.fsdp == 1 else f"dit_xl2_data{args.data}_fsdp{args.fsdp}"
+    # A run of one of the two does not overwrite the file of both.
+    name = "dit_xl2" + ("" if len(runs) == 2 else f"_{runs[0]}")
+    name += "" if args.data * args.fsdp == 1 else f"_data{args.data}_fsdp{args.fsdp}"
     print(write_results(name, rows, extra, args.out))
   if "depth" in what:
     print(write_results("depth_to_width", bench_depth(), {"dtype": "bfloat16", "attention": "auto (cuDNN)"},

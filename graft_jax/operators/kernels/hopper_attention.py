@@ -68,10 +68,10 @@ def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
 
 
 def pays_off(q_shape) -> bool:
-  """Where `auto` takes the kernel over cuDNN, from H200 measurements (16 heads of 72, bf16; README, Measured): at
-  2 x 16,384 tokens 5.09 against 6.64 ms, 2 x 4,096 0.347 against 0.422, but at 64 x 1,024 0.900 against 0.903
-  and at 256 x 256 0.408 against 0.336, before the padded projections' 11% more FLOPs. So: sequences of 4,096
-  tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
+  """Where `auto` takes the kernel over cuDNN, from benchmarks/hopper_attention.py on an H200 (16 heads of 72, bf16;
+  the whole MHA forward, the kernel's with its padded projections): 2 x 16,384 tokens 5.95 against 7.35 ms, 2 x
+  4,096 0.560 against 0.607, but 64 x 1,024 2.14 against 1.88 and 256 x 256 1.59 against 1.31. So: sequences of
+  4,096 tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
   return q_shape[1] >= 4096 and q_shape[-1] % 64 != 0
 
 

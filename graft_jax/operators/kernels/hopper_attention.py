@@ -5,7 +5,7 @@ N=16,384, 16 heads), against 4.71 ms for a head of 64. Here heads come zero-padd
 wgmma's k step (MHA pads its projections' weights, so no pass over the activations does it), and sit in shared
 memory as 8-row tiles of 32-byte swizzled rows, which Mosaic's TMA can cut from a (B, N, H, 80) array (a 128-byte
 swizzle needs the head to be a multiple of 64): q k^T and p v cost what a head of 80 does. At 2 x 16,384 tokens it
-takes 5.09 ms against cuDNN's 6.64 (benchmarks/hopper_attention.py).
+takes 5.20 ms against cuDNN's 6.83 (benchmarks/hopper_attention.py, hopper_attention.json).
 
 Structure (FlashAttention-3's): a program takes 2 x block_q queries of one (batch, head); two compute warpgroups take
 block_q rows each and keep an online softmax in float32 registers; the third warpgroup streams k and v through a

@@ -24,6 +24,11 @@ def sixteen_bit(dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU: the Mosaic GPU kernels use wgmma, which is sm_90 only."""
+  return jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", "").startswith("9")
+
+
 def forward_only(kernel: Callable, reference: Callable) -> Callable:
   """kernel(*arrays) in undifferentiated calls; a differentiated call runs `reference` instead (the composition the
   kernel replaces). The forward rule is reference's own (jax.vjp's function is a pytree of arrays, so its residuals

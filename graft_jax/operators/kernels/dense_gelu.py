@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from graft_jax.operators.kernels import batch_partitioned, forward_only, sixteen_bit
+from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -55,11 +55,8 @@ def fits(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
 
 
 def supported(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
-  """`fits`, on Hopper GPUs: wgmma is sm_90 only."""
-  if jax.default_backend() != "gpu":
-    return False
-  hopper = getattr(jax.devices()[0], "compute_capability", "").startswith("9")
-  return hopper and fits(m, k, n, dtype, tiles)
+  """`fits`, on Hopper GPUs (`kernels.on_hopper`)."""
+  return on_hopper() and fits(m, k, n, dtype, tiles)
 
 
 def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from graft_jax.operators.kernels import batch_partitioned, forward_only, sixteen_bit
+from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit
 
 _F32 = jnp.float32
 _GRAIN = 16  # heads are padded to a multiple of this many channels (wgmma's k step)
@@ -60,11 +60,8 @@ def fits(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
 
 
 def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
-  """`fits`, on Hopper GPUs: wgmma is sm_90 only."""
-  if jax.default_backend() != "gpu":
-    return False
-  hopper = getattr(jax.devices()[0], "compute_capability", "").startswith("9")
-  return hopper and fits(q_shape, k_shape, dtype, tiles)
+  """`fits`, on Hopper GPUs (`kernels.on_hopper`)."""
+  return on_hopper() and fits(q_shape, k_shape, dtype, tiles)
 
 
 def pays_off(q_shape) -> bool:
@@ -202,8 +199,9 @@ def attention(q, k, v, head_dim: int, reference, *, tiles: Tiles | None = None):
   if q.shape[-1] != padded_width(head_dim):
     raise ValueError(f"heads of {head_dim} take {padded_width(head_dim)} channels here, got {q.shape[-1]}")
 
-  def call(q, k, v):
-    if fits(q.shape, k.shape, q.dtype, tiles):
-      return _kernel_call(q, k, v, tiles or Tiles.for_tokens(q.shape[1]), head_dim)
+  def call(q, k, v):  # sized by its operands: under a sharded jit, one device's batch shard
+    shard_tiles = tiles or Tiles.for_tokens(q.shape[1])
+    if fits(q.shape, k.shape, q.dtype, shard_tiles):
+      return _kernel_call(q, k, v, shard_tiles, head_dim)
     return reference(q, k, v)
   return forward_only(batch_partitioned(call), reference)(q, k, v)

@@ -1,9 +1,10 @@
 """The Hopper self-attention kernel (operators/kernels/hopper_attention.py) behind MHA's backend "mosaic": it cannot
-run on a CPU, so these check what can be checked here. MHA lowers to it at DiT's head width, its heads padded by the
-projections' weights; differentiated calls take the unpadded cuDNN/XLA composition's values and gradients exactly;
-where the kernel does not take the shapes, the padded composition equals the unpadded one, also on batch shards
-under a sharded jit; "auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the
-H200's to measure (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
+run on a CPU, so these check what can be checked here. MHA lowers to it at DiT's head width; the kernel's windows
+(16-channel-aligned boxes over heads of 72 laid back to back, the neighbour's channels zeroed) hold each head at its
+slot's offset; differentiated calls take the cuDNN/XLA composition's values and gradients exactly; where the kernel
+does not take the shapes, the slotted composition equals the plain one, also on batch shards under a sharded jit;
+"auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the H200's to measure
+(benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ def _mha(backend: str, tokens: int, dtype=jnp.bfloat16):
   module = ops.build("mha", HEADS * HEAD_DIM, num_heads=HEADS, backend=backend)
   params = jax.tree.map(lambda a: a.astype(dtype), module.init(jax.random.key(1), x))
   params["params"]["v"]["bias"] = jnp.ones_like(params["params"]["v"]["bias"])  # folded into proj's bias
-  params["params"]["q"]["bias"] = jnp.full_like(params["params"]["q"]["bias"], 0.5)  # padded with q's columns
+  params["params"]["q"]["bias"] = jnp.full_like(params["params"]["q"]["bias"], 0.5)
   return module, params, x
 
 
@@ -37,7 +38,7 @@ def test_mha_lowers_to_the_kernel():
   assert exported.out_avals[0].shape == x.shape
 
 
-def test_differentiated_mha_takes_the_unpadded_composition():
+def test_differentiated_mha_takes_the_plain_composition():
   module, params, x = _mha("mosaic", 512)
   xla, fused = (jax.vjp(ops.build("mha", x.shape[-1], num_heads=HEADS, backend=b).apply, params, x)
                 for b in ("xla", "mosaic"))
@@ -47,10 +48,27 @@ def test_differentiated_mha_takes_the_unpadded_composition():
     np.testing.assert_array_equal(a, b)
 
 
+def test_windows_read_each_head_into_its_slot():
+  # What the kernel does with indices, written with numpy: the box at starts[h], the neighbour's channels zeroed.
+  heads, head_dim = 16, 72
+  windows = hopper_attention.Windows(heads, head_dim)
+  assert (windows.width, windows.offsets[:3], windows.starts[:3]) == (80, (0, 8, 0), (0, 64, 144))
+  assert windows.fit() and not windows.exact and hopper_attention.Windows(16, 64).exact
+  assert not hopper_attention.Windows(3, 72).fit()  # the last head's box would reach past the channels
+  x = np.random.default_rng(0).normal(size=(5, heads * head_dim)).astype(np.float32)
+  slots = np.asarray(hopper_attention.to_slots(jnp.asarray(x), heads)).reshape(5, heads, windows.width)
+  for h, (start, offset) in enumerate(zip(windows.starts, windows.offsets)):
+    box = x[:, start:start + windows.width]
+    own = (np.arange(windows.width) >= offset) & (np.arange(windows.width) < offset + head_dim)
+    np.testing.assert_array_equal(np.where(own, box, 0), slots[:, h])
+  np.testing.assert_array_equal(np.asarray(hopper_attention.to_slots(jnp.asarray(x.T), heads, axis=0)).T,
+                                slots.reshape(5, -1))
+
+
 @pytest.mark.parametrize("tokens", [512, 96])
-def test_padded_heads_equal_the_unpadded_composition(tokens):
-  # float32 is no kernel dtype (and 96 tokens no whole tile): the padded projections, the reference on 80-channel
-  # heads and the padded output projection run instead of the kernel.
+def test_slotted_output_equals_the_plain_composition(tokens):
+  # float32 is no kernel dtype (and 96 tokens no whole tile): the reference in slots and the slotted output
+  # projection run instead of the kernel.
   module, params, x = _mha("mosaic", tokens, jnp.float32)
   xla = ops.build("mha", x.shape[-1], num_heads=HEADS, backend="xla")
   np.testing.assert_allclose(module.apply(params, x), xla.apply(params, x), atol=1e-5, rtol=1e-5)
@@ -58,11 +76,8 @@ def test_padded_heads_equal_the_unpadded_composition(tokens):
 
 def test_kernel_call_runs_on_batch_shards():
   # float32 takes the reference inside the partitioned call, standing in for the kernel a CPU cannot run.
-  width = hopper_attention.padded_width(HEAD_DIM)
-  q, k, v = (jnp.pad(jax.random.normal(key, (8, 64, HEADS, HEAD_DIM)), [(0, 0)] * 3 + [(0, width - HEAD_DIM)])
-             for key in jax.random.split(jax.random.key(3), 3))
-  reference = lambda q, k, v: softmax_attention(q, k, v, HEAD_DIM)
-  _sharded_matches_one_device(lambda q, k, v: hopper_attention.attention(q, k, v, HEAD_DIM, reference), [q, k, v])
+  q, k, v = (jax.random.normal(key, (8, 64, HEADS, HEAD_DIM)) for key in jax.random.split(jax.random.key(3), 3))
+  _sharded_matches_one_device(lambda q, k, v: hopper_attention.attention(q, k, v, softmax_attention), [q, k, v])
 
 
 def test_auto_takes_the_kernel_only_where_it_paid_off():
@@ -72,8 +87,7 @@ def test_auto_takes_the_kernel_only_where_it_paid_off():
   assert hopper_attention.pays_off(shape) and hopper_attention.pays_off((2, 4096, 16, 72))
   assert not hopper_attention.pays_off((64, 1024, 16, 72)) and not hopper_attention.pays_off((256, 256, 16, 72))
   assert not hopper_attention.pays_off((2, 16384, 16, 64))  # cuDNN does not round a head of 64 up
-  assert hopper_attention.padded_width(72) == 80 and hopper_attention.padded_width(64) == 64
-  assert not hopper_attention.fits((2, 16384, 16, 96), (2, 16384, 16, 96), jnp.bfloat16)
+  assert not hopper_attention.fits((2, 16384, 16, 96), (2, 16384, 16, 96), jnp.bfloat16)  # windows of 96
 
 
 def test_unknown_backend_is_one_sentence():

@@ -1,7 +1,6 @@
 """Softmax attention operators: full multi-head self-attention (MHA) with a backend choice."""
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 import jax
@@ -38,19 +37,8 @@ def attention_weights(x: jax.Array) -> tuple[jax.Array, dict]:
   return x, jax.tree.unflatten(jax.tree.structure(weights), leaves)
 
 
-def _pad_heads(a: jax.Array, num_heads: int, width: int | None, axis: int) -> jax.Array:
-  """a with each of the num_heads equal parts of `axis` zero-padded at its end to `width` channels (None: as is)."""
-  if width is None:
-    return a
-  a = jnp.moveaxis(a, axis, -1)
-  a = a.reshape(*a.shape[:-1], num_heads, -1)
-  a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
-  return jnp.moveaxis(a.reshape(*a.shape[:-2], -1), -1, axis)
-
-
-def project_heads(x: jax.Array, weights: dict, num_heads: int, width: int | None = None):
-  """(B, N, D) -> q, k, v, each (B, N, H, D/H), or (B, N, H, width) with every head zero-padded (`width`: the Hopper
-  kernel's layout, made by padding the weights' columns, so no pass over the activations).
+def project_heads(x: jax.Array, weights: dict, num_heads: int):
+  """(B, N, D) -> q, k, v, each (B, N, H, D/H).
 
   Only q gets its bias here, and as a whole parameter of its own, which XLA adds in cuBLAS's matmul epilogue (from a
   slice of a fused (D, 3D) parameter it did not: each bias add was then its own pass over a (tokens, D) output,
@@ -60,18 +48,18 @@ def project_heads(x: jax.Array, weights: dict, num_heads: int, width: int | None
   windowed, masked).
   """
   b, n, _ = x.shape
-  pad = lambda a: _pad_heads(a, num_heads, width, axis=-1)
   (wq, bq), (wk, _), (wv, _) = (weights[name] for name in "qkv")
-  q, k, v = x @ pad(wq) + pad(bq), x @ pad(wk), x @ pad(wv)
-  return [y.reshape(b, n, num_heads, -1) for y in (q, k, v)]
+  return [y.reshape(b, n, num_heads, -1) for y in (x @ wq + bq, x @ wk, x @ wv)]
 
 
-def project_out(y: jax.Array, weights: dict, width: int | None = None) -> jax.Array:
-  """The output Linear on (B, N, H, d) values from `project_heads` (or (B, N, H, width), the rows of the weights
-  padded to match), with the values' bias folded in: y W + (b + b_v W)."""
+def project_out(y: jax.Array, weights: dict, slots: bool = False) -> jax.Array:
+  """The output Linear on (B, N, H, d) values from `project_heads`, with the values' bias folded in:
+  y W + (b + b_v W). `slots`: y is the Hopper kernel's (B, N, H, width) output, each head at its offset in a slot
+  of zeros, and W's rows are laid out to match (`hopper_attention.to_slots`)."""
   (wo, bo), bv = weights["proj"], weights["v"][1]
   fold = bo + bv @ wo
-  wo = _pad_heads(wo, y.shape[2], width, axis=0)
+  if slots:
+    wo = hopper_attention.to_slots(wo, y.shape[2], axis=0)
   return y.reshape(*y.shape[:2], -1) @ wo + fold
 
 
@@ -99,10 +87,9 @@ def mha_backend(requested: str, q_shape, dtype) -> str:
   return requested if requested == "mosaic" else attention_backend(requested, dtype)
 
 
-def softmax_attention(q, k, v, head_dim: int | None = None):
-  """cuDNN's (16-bit on a GPU) or XLA's attention; `head_dim` the heads' width before zero-padding (the scale)."""
-  scale = None if head_dim is None else head_dim ** -0.5
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=attention_backend("auto", q.dtype))
+def softmax_attention(q, k, v):
+  """cuDNN's (16-bit on a GPU) or XLA's attention."""
+  return jax.nn.dot_product_attention(q, k, v, implementation=attention_backend("auto", q.dtype))
 
 
 def _mha(x, weights, num_heads: int, implementation: str):
@@ -112,16 +99,11 @@ def _mha(x, weights, num_heads: int, implementation: str):
 
 
 def _mha_on_hopper_kernel(x, weights, num_heads: int):
-  """`_mha` with the attention on the Hopper kernel, heads zero-padded by the projections' weights (11% more
-  projection FLOPs at 72 -> 80, against two passes over q, k, v and the output to pad and cut them). Forward only:
-  differentiated calls (a train step) run `_mha` on cuDNN, unpadded."""
-  head_dim = x.shape[-1] // num_heads
-  width = hopper_attention.padded_width(head_dim)
-
+  """`_mha` with the attention on the Hopper kernel, whose output slots the output projection takes through rows
+  of zeros. Forward only: differentiated calls (a train step) run `_mha` on cuDNN."""
   def fused(x, weights):
-    q, k, v = project_heads(x, weights, num_heads, width)
-    reference = functools.partial(softmax_attention, head_dim=head_dim)
-    return project_out(hopper_attention.attention(q, k, v, head_dim, reference), weights, width)
+    q, k, v = project_heads(x, weights, num_heads)
+    return project_out(hopper_attention.attention(q, k, v, softmax_attention), weights, slots=True)
   reference = lambda x, weights: _mha(x, weights, num_heads, attention_backend("auto", x.dtype))
   return forward_only(fused, reference)(x, weights)
 

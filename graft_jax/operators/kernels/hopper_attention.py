@@ -1,11 +1,20 @@
 """Self-attention forward for heads of up to 80 channels (DiT's and PixArt's 72) as one Mosaic GPU kernel for Hopper.
 
 cuDNN runs a head of 72 on tiles of 128 channels: on an H200 it takes 6.6-6.8 ms at PixArt's 2048 px (B=2,
-N=16,384, 16 heads), against 4.71 ms for a head of 64. Here heads come zero-padded to the next multiple of 16 (80),
-wgmma's k step (MHA pads its projections' weights, so no pass over the activations does it), and sit in shared
-memory as 8-row tiles of 32-byte swizzled rows, which Mosaic's TMA can cut from a (B, N, H, 80) array (a 128-byte
-swizzle needs the head to be a multiple of 64): q k^T and p v cost what a head of 80 does. At 2 x 16,384 tokens it
-takes 5.20 ms against cuDNN's 6.83 (benchmarks/hopper_attention.py, hopper_attention.json).
+N=16,384, 16 heads), against 4.71 ms for a head of 64. Here a head costs what one of 80 does (the next multiple of
+16, wgmma's k step). At 2 x 16,384 tokens it takes 5.34 ms against cuDNN's 6.77 (benchmarks/hopper_attention.py,
+hopper_attention.json).
+
+Operands: q, k and v as the projections write them, heads of 72 back to back. Mosaic's TMA cuts boxes whose minor
+side starts on a multiple of the 16-channel tile (8-row tiles of 32-byte swizzled rows, which wgmma reads), and
+72 h is one only for even h. So head h is read as the 80-channel `Windows` box starting at the multiple of 16 at or
+below 72 h: its own channels sit at offset 0 (even h) or 8 (odd h), the other 8 belong to a neighbour. Zeroing
+those in q (once per program) leaves q k^T exact; p v then carries the neighbour's 8 values, which are zeroed too,
+and the output is written as `width`-channel slots, each head at its offset (`to_slots`): MHA's output projection
+takes slots through rows of zeros, which costs 11% more FLOPs on that one matmul. Padding q, k and v in their
+weights instead made all four projections 11% wider and q's bias a pass of its own; against that (one H200 call)
+the whole MHA forward is as fast at 2 x 16,384 tokens (5.88 against 5.87 ms, though the kernel alone reads its
+windows 4% slower: 5.38 against 5.18) and faster at 2 x 4,096 (0.556 against 0.591).
 
 Structure (FlashAttention-3's): a program takes 2 x block_q queries of one (batch, head); two compute warpgroups take
 block_q rows each and keep an online softmax in float32 registers; the third warpgroup streams k and v through a
@@ -29,11 +38,63 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit
 
 _F32 = jnp.float32
-_GRAIN = 16  # heads are padded to a multiple of this many channels (wgmma's k step)
-# The widest padded head: at 256 keys x 2 stages, k and v take 160 KB of shared memory at 80 channels (a Hopper SM
-# has 227 KB), and a compute warpgroup's registers hold the (64, 256) logits, their bf16 copy and the (64, 80)
-# output; wider heads would need other tiles, which nothing here has measured.
+_GRAIN = 16  # TMA boxes start on, and wgmma's k steps through, multiples of this many channels
+# The widest window: at 256 keys x 2 stages, k and v take 160 KB of shared memory at 80 channels (a Hopper SM has
+# 227 KB), and a compute warpgroup's registers hold the (64, 256) logits, their bf16 copy and the (64, 80) output;
+# wider ones would need other tiles, which nothing here has measured.
 _WIDEST = 80
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+  """Where the kernel reads each of `num_heads` heads of `head_dim` channels, laid back to back: head h is the
+  `width`-channel box starting at `starts[h]`, the multiple of _GRAIN at or below h * head_dim, with its own
+  channels at `offsets[h]` in it; the output holds each head in a slot of `width` channels at the same offset.
+  Every `group` heads span a whole number of _GRAIN channels, so the kernel sees the channels as groups and cuts
+  each head's box at one of `group` static places in its group (Mosaic checks a box's alignment statically)."""
+  num_heads: int
+  head_dim: int
+
+  @property
+  def group(self) -> int:
+    return _GRAIN // math.gcd(self.head_dim, _GRAIN)
+
+  @property
+  def offsets(self) -> tuple[int, ...]:
+    return tuple(h * self.head_dim % _GRAIN for h in range(self.num_heads))
+
+  @property
+  def starts(self) -> tuple[int, ...]:
+    return tuple(h * self.head_dim - off for h, off in enumerate(self.offsets))
+
+  @property
+  def width(self) -> int:
+    return -(-(self.head_dim + max(self.offsets)) // _GRAIN) * _GRAIN
+
+  @property
+  def exact(self) -> bool:
+    """Whether every window is its head alone (head_dim a multiple of _GRAIN): nothing to zero."""
+    return self.width == self.head_dim
+
+  def fit(self) -> bool:
+    """Whole groups, no box reaching past its group, none wider than _WIDEST."""
+    span = self.group * self.head_dim
+    return (self.num_heads % self.group == 0 and self.width <= _WIDEST
+            and all(start % span + self.width <= span for start in self.starts[:self.group]))
+
+
+def to_slots(a: jax.Array, num_heads: int, axis: int = -1) -> jax.Array:
+  """a with the num_heads heads along `axis` (num_heads x head_dim channels, back to back) moved into the kernel's
+  output slots (num_heads x `Windows.width`, each head at its offset, zeros around it): what the kernel writes, for
+  a reference output, and the layout of the output projection's rows."""
+  axis = axis % a.ndim
+  windows = Windows(num_heads, a.shape[axis] // num_heads)
+  d, width = windows.head_dim, windows.width
+  a = jnp.moveaxis(a, axis, -1)
+  heads = a.reshape(*a.shape[:-1], num_heads, d)
+  slots = jnp.stack([jnp.pad(heads[..., h, :], [(0, 0)] * (a.ndim - 1) + [(off, width - off - d)])
+                     for h, off in enumerate(windows.offsets)], axis=-2)
+  return jnp.moveaxis(slots.reshape(*a.shape[:-1], num_heads * width), -1, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +112,11 @@ class Tiles:
 
 
 def fits(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
-  """16-bit (B, N, H, d) self-attention operands with heads of at most _WIDEST channels, on whole tiles: the kernel
-  has no edge masks."""
+  """16-bit (B, N, H, d) self-attention operands whose heads the `Windows` can read, on whole tiles: the kernel has
+  no edge masks."""
   b, n, h, d = q_shape
   tiles = tiles or Tiles.for_tokens(n)
-  return (sixteen_bit(dtype) and tuple(k_shape) == tuple(q_shape) and d <= _WIDEST
+  return (sixteen_bit(dtype) and tuple(k_shape) == tuple(q_shape) and Windows(h, d).fit()
           and n % (2 * tiles.block_q) == 0 and n % tiles.block_kv == 0 and n // tiles.block_kv >= tiles.stages)
 
 
@@ -66,20 +127,22 @@ def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
 
 def pays_off(q_shape) -> bool:
   """Where `auto` takes the kernel over cuDNN, from benchmarks/hopper_attention.py on an H200 (16 heads of 72, bf16;
-  the whole MHA forward, the kernel's with its padded projections): 2 x 16,384 tokens 5.95 against 7.35 ms, 2 x
-  4,096 0.560 against 0.607, but 64 x 1,024 2.14 against 1.88 and 256 x 256 1.59 against 1.31. So: sequences of
-  4,096 tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
+  the whole MHA forward): 2 x 16,384 tokens 5.87 against 7.34 ms, 2 x 4,096 0.557 against 0.600, but 64 x 1,024
+  2.03 against 1.98 and 256 x 256 1.50 against 1.33. So: sequences of 4,096 tokens and more, and heads cuDNN rounds
+  up (not a multiple of 64)."""
   return q_shape[1] >= 4096 and q_shape[-1] % 64 != 0
 
 
-def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
-  """The kernel on (B, N, H, p) operands whose heads are zero-padded from head_dim to p (a multiple of 16)."""
-  b, n, h, p = q.shape
+def _kernel_call(q, k, v, tiles: Tiles):
+  """The kernel on (B, N, H, d) operands whose `Windows` fit; the output in slots, (B, N, H, width)."""
+  b, n, h, d = q.shape
+  windows = Windows(h, d)
+  p, g = windows.width, windows.group
   bq, bkv, stages = tiles.block_q, tiles.block_kv, tiles.stages
   steps = n // bkv
   # Logits in base 2: exp(s / sqrt(d)) = exp2(s * c).
-  c = math.log2(math.e) / math.sqrt(head_dim)
-  # wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any padded head.
+  c = math.log2(math.e) / math.sqrt(d)
+  # wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any window.
   transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * jnp.dtype(q.dtype).itemsize))
 
   def body(q_ref, k_ref, v_ref, o_ref, smem, loaded, freed, turn):
@@ -88,6 +151,19 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
     k_freed, v_freed = freed
     wg = lax.axis_index("wg")
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    offset = lax.rem(head * d, _GRAIN)
+
+    def copy_window(ref, rows, dst, barrier):
+      """TMA of this head's window of `rows` of a (B, N, groups, group * d) operand into dst."""
+      for j, start in enumerate(windows.starts[:g]):
+        @pl.when(lax.rem(head, g) == j)
+        def _():
+          plgpu.copy_gmem_to_smem(ref.at[batch, rows, lax.div(head, g), pl.ds(start, p)], dst, barrier)
+
+    def own_channels(rows):
+      """Where a (rows, p) tile holds this head's channels, not a neighbour's."""
+      channel = plgpu.broadcasted_iota(jnp.int32, (rows, p), 1, layout=plgpu.Layout.WGMMA)
+      return (channel >= offset) & (channel < offset + d)
 
     def take_turn():
       plgpu.barrier_arrive(turn)
@@ -98,8 +174,11 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
       plgpu.set_max_registers(232, action="increase")
       rows = pl.ds(lax.axis_index("q_tiles") * 2 * bq + wg * bq, bq)
       q_tile = q_smem.at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, q_loaded.at[wg])
+      copy_window(q_ref, rows, q_tile, q_loaded.at[wg])
       plgpu.barrier_wait(q_loaded.at[wg])
+      if not windows.exact:  # the neighbour's channels out of q, so they add nothing to the logits
+        q_tile[...] = jnp.where(own_channels(bq), q_tile[...], 0)
+        plgpu.commit_smem()
 
       row_stat = lambda value: plgpu.layout_cast(jnp.full((bq,), value, _F32), plgpu.Layout.WGMMA.reduce(1))
       plgpu.barrier_wait(k_loaded.at[0])
@@ -143,8 +222,11 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
       o, _, l = lax.fori_loop(0, steps, step, (o, row_stat(-jnp.inf), row_stat(0.0)))
       pl.when(wg == 0)(take_turn)  # the turn warpgroup 1 took before its loop
 
+      o = o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))
+      if not windows.exact:  # p v's channels from the neighbour's values
+        o = jnp.where(own_channels(bq), o, 0.0)
       # q's tile is free once the loop ends: the output is staged there for its TMA store.
-      q_tile[...] = (o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))).astype(q.dtype)
+      q_tile[...] = o.astype(q.dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, rows, head])
       plgpu.wait_smem_to_gmem(0)
@@ -155,8 +237,8 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
 
       def fetch(i, slot):
         keys = pl.ds(i * bkv, bkv)
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_loaded.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_loaded.at[slot])
+        copy_window(k_ref, keys, k_smem.at[slot], k_loaded.at[slot])
+        copy_window(v_ref, keys, v_smem.at[slot], v_loaded.at[slot])
 
       for i in range(stages):
         fetch(i, i)
@@ -178,30 +260,26 @@ def _kernel_call(q, k, v, tiles: Tiles, head_dim: int):
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg")
 
+  grouped = lambda a: a.reshape(b, n, h // g, g * d)
   return plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(h, n // (2 * bq), b),
+      entry, out_type=jax.ShapeDtypeStruct((b, n, h, p), q.dtype), grid=(h, n // (2 * bq), b),
       grid_names=("heads", "q_tiles", "batch"), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v)
+      compiler_params=plgpu.CompilerParams(approx_math=True))(grouped(q), grouped(k), grouped(v))
 
 
-def padded_width(head_dim: int) -> int:
-  """The kernel's head width for heads of head_dim channels: the next multiple of _GRAIN."""
-  return -(-head_dim // _GRAIN) * _GRAIN
-
-
-def attention(q, k, v, head_dim: int, reference, *, tiles: Tiles | None = None):
-  """softmax(q k^T / sqrt(head_dim)) v for (B, N, H, p) 16-bit q, k, v whose heads are zero-padded from head_dim to
-  p = padded_width(head_dim) channels (zero channels add nothing to the logits and come out zero), through the
-  kernel; it compiles only for a Hopper GPU (`supported`). `reference(q, k, v)` computes the same on the padded
-  operands: differentiated calls run it, as do batch shards whose shapes do not `fit` (under a sharded jit
-  `supported` saw only the global shape). The attention module passes it in: it cannot be imported from here
-  without a cycle."""
-  if q.shape[-1] != padded_width(head_dim):
-    raise ValueError(f"heads of {head_dim} take {padded_width(head_dim)} channels here, got {q.shape[-1]}")
+def attention(q, k, v, reference, *, tiles: Tiles | None = None):
+  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) 16-bit q, k, v, through the kernel, in its output slots
+  (B, N, H, `Windows.width`; `to_slots`); it compiles only for a Hopper GPU (`supported`). `reference(q, k, v)`
+  computes the same, unslotted: differentiated calls run it, as do batch shards whose shapes do not `fit` (under a
+  sharded jit `supported` saw only the global shape). The attention module passes it in: it cannot be imported from
+  here without a cycle."""
+  def slotted_reference(q, k, v):
+    b, n, h, d = q.shape
+    return to_slots(reference(q, k, v).reshape(b, n, h * d), h).reshape(b, n, h, -1)
 
   def call(q, k, v):  # sized by its operands: under a sharded jit, one device's batch shard
     shard_tiles = tiles or Tiles.for_tokens(q.shape[1])
     if fits(q.shape, k.shape, q.dtype, shard_tiles):
-      return _kernel_call(q, k, v, shard_tiles, head_dim)
-    return reference(q, k, v)
-  return forward_only(batch_partitioned(call), reference)(q, k, v)
+      return _kernel_call(q, k, v, shard_tiles)
+    return slotted_reference(q, k, v)
+  return forward_only(batch_partitioned(call), slotted_reference)(q, k, v)

@@ -54,7 +54,8 @@ def test_windows_read_each_head_into_its_slot():
   windows = hopper_attention.Windows(heads, head_dim)
   assert (windows.width, windows.offsets[:3], windows.starts[:3]) == (80, (0, 8, 0), (0, 64, 144))
   assert windows.fit() and not windows.exact and hopper_attention.Windows(16, 64).exact
-  assert not hopper_attention.Windows(3, 72).fit()  # the last head's box would reach past the channels
+  assert not hopper_attention.Windows(3, 72).fit()  # heads of 72 come in pairs (144 channels, 9 x 16)
+  assert not hopper_attention.Windows(16, 30).fit()  # a group's last 48-channel box would reach past it
   x = np.random.default_rng(0).normal(size=(5, heads * head_dim)).astype(np.float32)
   slots = np.asarray(hopper_attention.to_slots(jnp.asarray(x), heads)).reshape(5, heads, windows.width)
   for h, (start, offset) in enumerate(zip(windows.starts, windows.offsets)):
@@ -92,5 +93,6 @@ def test_auto_takes_the_kernel_only_where_it_paid_off():
 
 def test_unknown_backend_is_one_sentence():
   module = ops.build("mha", HEADS * HEAD_DIM, num_heads=HEADS, backend="flash")
-  with pytest.raises(ValueError, match=r"^attention backend must be one of \('auto', 'cudnn', 'xla', 'mosaic'\)"):
+  backends = r"\('auto', 'cudnn', 'xla', 'mosaic', 'splash'\)"
+  with pytest.raises(ValueError, match=rf"^attention backend must be one of {backends}"):
     module.init(jax.random.key(0), jnp.zeros((1, 256, HEADS * HEAD_DIM)))

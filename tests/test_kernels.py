@@ -1,6 +1,7 @@
-"""Pallas kernels (TPU splash attention for SWA, the Hyena causal conv) in Pallas interpret mode on CPU, against the
-XLA paths the operators use elsewhere: forward and gradients within 1e-5 in float32; which backend "auto" picks; and
-that under a sharded jit the causal conv, SSD and splash kernels run on each device's batch shard.
+"""Pallas kernels (TPU splash attention for SWA and MHA, the Hyena causal conv) in Pallas interpret mode on CPU,
+against the XLA paths the operators use elsewhere: forward and gradients within 1e-5 in float32; which backend
+"auto" picks; and that under a sharded jit the causal conv, SSD and splash kernels run on each device's batch
+shard.
 
 Interpret mode runs the kernels op by op in Python: the shapes here are the smallest that still cover several blocks,
 padding and the halo between tiles.
@@ -14,11 +15,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from graft_jax import operators as ops
-from graft_jax.operators.attention import swa_backend, tiled_band_attention
+from graft_jax.operators.attention import SPLASH_FROM_TOKENS, mha_backend, swa_backend, tiled_band_attention
 from graft_jax.operators.hyena import causal_depthwise_conv, conv_backend
 from graft_jax.operators.kernels.causal_conv import causal_conv_pallas
 from graft_jax.operators.kernels.ssd import ssd_diagonal_pallas
-from graft_jax.operators.kernels.splash import splash_band_attention
+from graft_jax.operators.kernels.splash import splash_attention
 from graft_jax.train.partition import BATCH_AXES, make_mesh
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -37,7 +38,7 @@ def _grads(fn, *args):
 def test_splash_matches_tiled_forward_and_gradients():
   # 200 tokens: two 128-blocks, the second half padding, so the padding segment and block skipping both run.
   q, k, v = _normal(0, *[(1, 200, 2, 8)] * 3)
-  splash = lambda q, k, v: splash_band_attention(q, k, v, 4, interpret=True)
+  splash = lambda q, k, v: splash_attention(q, k, v, 4, interpret=True)
   tiled = lambda q, k, v: tiled_band_attention(q, k, v, 4)
   np.testing.assert_allclose(splash(q, k, v), tiled(q, k, v), **TOL)
   for got, want in zip(_grads(splash, q, k, v), _grads(tiled, q, k, v)):
@@ -50,6 +51,18 @@ def test_swa_module_splash_backend_matches_tiled():
   params = tiled.init(jax.random.key(0), x)
   splash = ops.build("swa", 16, num_heads=2, window=3, backend="splash")  # off TPU: interpret mode
   np.testing.assert_allclose(splash.apply(params, x), tiled.apply(params, x), **TOL)
+
+
+def test_mha_module_splash_backend_matches_xla_forward_and_gradients():
+  # 200 tokens: two 128-blocks, the second partly padding (a segment of its own, so no query sees it).
+  x, = _normal(4, (2, 200, 16))
+  xla = ops.build("mha", 16, num_heads=2, backend="xla")
+  params = xla.init(jax.random.key(0), x)
+  splash = ops.build("mha", 16, num_heads=2, backend="splash")  # off TPU: interpret mode
+  np.testing.assert_allclose(splash.apply(params, x), xla.apply(params, x), **TOL)
+  grads = [jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(params, x) for m in (splash, xla)]
+  for got, want in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(got, want, **TOL)
 
 
 @pytest.mark.parametrize("shape,taps,tile", [((2, 37, 6), 4, 16), ((1, 30, 3), 11, 16)])
@@ -73,8 +86,11 @@ def test_hyena_pallas_backend_matches_xla():
 
 def test_auto_backends(monkeypatch):
   assert (swa_backend("auto", None), swa_backend("auto", (4, 4)), conv_backend("auto", 1)) == ("tiled", "shift", "xla")
+  long, short = (2, SPLASH_FROM_TOKENS, 16, 72), (256, 256, 16, 72)
+  assert mha_backend("auto", long, jnp.bfloat16) == "xla"  # CPU
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert (swa_backend("auto", None), swa_backend("auto", (4, 4))) == ("splash", "shift")
+  assert (mha_backend("auto", long, jnp.bfloat16), mha_backend("auto", short, jnp.bfloat16)) == ("splash", "xla")
   assert (conv_backend("auto", 1), conv_backend("auto", 2), conv_backend("xla", 1)) == ("pallas", "xla", "xla")
 
 
@@ -117,4 +133,4 @@ def test_ssd_kernel_runs_on_batch_shards():
 def test_splash_runs_on_batch_shards():
   # 130 tokens: a padded second block, so the padding segment ids travel with each shard too.
   q, k, v = _normal(8, *[(8, 130, 2, 8)] * 3)
-  _sharded_matches_one_device(lambda q, k, v: splash_band_attention(q, k, v, 3, interpret=True), [q, k, v])
+  _sharded_matches_one_device(lambda q, k, v: splash_attention(q, k, v, 3, interpret=True), [q, k, v])

@@ -1,7 +1,6 @@
 """Softmax attention operators: full multi-head self-attention (MHA) with a backend choice."""
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import numpy as np
 
 from graft_jax.operators import init
 from graft_jax.operators.kernels import forward_only, hopper_attention, sixteen_bit
-from graft_jax.operators.kernels.splash import splash_band_attention
+from graft_jax.operators.kernels.splash import splash_attention
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
 from graft_jax.operators.remat import kept
@@ -72,19 +71,27 @@ def torch_fused_qkv(qkv_name: str, out_name: str):
   return from_torch
 
 
-MHA_BACKENDS = ("auto", "cudnn", "xla", "mosaic")
+MHA_BACKENDS = ("auto", "cudnn", "xla", "mosaic", "splash")
+# From this many tokens "auto" takes splash attention on TPUs: XLA's attention holds the (B, H, N, N) float32
+# logits, 1 GB per (batch, head) here (34 GB at PixArt's 2048 px, batch 2). A memory bound, not a timing: nothing
+# here has run on TPU hardware yet.
+SPLASH_FROM_TOKENS = 4096
 
 
 def mha_backend(requested: str, q_shape, dtype) -> str:
   """MHA's backend (one of MHA_BACKENDS) for (B, N, H, d) queries: "cudnn" and "xla" as `attention_backend` resolves
-  them; "mosaic" the Hopper kernel (`kernels.hopper_attention`); "auto" takes the kernel on Hopper GPUs where it
-  beat cuDNN (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64), `attention_backend`'s choice
-  elsewhere."""
+  them; "mosaic" the Hopper kernel (`kernels.hopper_attention`); "splash" TPU splash attention (`kernels.splash`;
+  off TPU it runs in Pallas interpret mode, correct but slow). "auto" takes the Hopper kernel on Hopper GPUs where
+  it beat cuDNN (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64), splash on TPUs from
+  SPLASH_FROM_TOKENS tokens, `attention_backend`'s choice elsewhere."""
   if requested not in MHA_BACKENDS:
     raise ValueError(f"attention backend must be one of {MHA_BACKENDS}, got {requested!r}")
-  if requested == "auto" and hopper_attention.supported(q_shape, q_shape, dtype) and hopper_attention.pays_off(q_shape):
-    return "mosaic"
-  return requested if requested == "mosaic" else attention_backend(requested, dtype)
+  if requested == "auto":
+    if hopper_attention.supported(q_shape, q_shape, dtype) and hopper_attention.pays_off(q_shape):
+      return "mosaic"
+    if jax.default_backend() == "tpu" and q_shape[1] >= SPLASH_FROM_TOKENS:
+      return "splash"
+  return requested if requested in ("mosaic", "splash") else attention_backend(requested, dtype)
 
 
 def softmax_attention(q, k, v):
@@ -92,10 +99,14 @@ def softmax_attention(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, implementation=attention_backend("auto", q.dtype))
 
 
-def _mha(x, weights, num_heads: int, implementation: str):
+def _mha(x, weights, num_heads: int, backend: str):
+  """MHA on a resolved `backend` other than "mosaic": "splash", or jax.nn's implementation ("cudnn", "xla")."""
   q, k, v = project_heads(x, weights, num_heads)
-  y = kept(jax.nn.dot_product_attention(q, k, v, implementation=implementation))
-  return project_out(y, weights)
+  if backend == "splash":
+    y = splash_attention(q, k, v)
+  else:
+    y = jax.nn.dot_product_attention(q, k, v, implementation=backend)
+  return project_out(kept(y), weights)
 
 
 def _mha_on_hopper_kernel(x, weights, num_heads: int):
@@ -284,7 +295,7 @@ class SlidingWindowAttention(nn.Module):
     q, k, v = project_heads(x, weights, self.num_heads)
     backend = swa_backend(self.backend, self.grid)
     if backend == "splash":
-      y = splash_band_attention(q, k, v, self.window)
+      y = splash_attention(q, k, v, self.window)
     elif backend == "tiled":
       y = tiled_band_attention(q, k, v, self.window)
     else:

@@ -1,4 +1,5 @@
-"""DiT-XL/2 self-grafted attention (fresh MHA, the control) in 50% (ratio=75, 100) of the layers: stage 1, stage 2, samples.
+"""DiT-XL/2 self-grafted attention (fresh MHA, the control) in 50% (ratio=75, 100) of the layers: stage 1, stage 2,
+samples.
 
 python -m graft_jax.main --config=configs/dit_xl2_self_mha.py[:ratio=75][,shrink=1] --workdir=runs/self_mha
 """

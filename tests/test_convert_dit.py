@@ -62,8 +62,8 @@ def test_bad_inputs(reference, tmp_path):
   data = (tmp / "dit.pt").read_bytes()
   (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
   assert "truncated or corrupt" in _bad(tmp_path, tmp_path / "truncated.pt")
-  torch.save({"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.conv_out.weight": torch.zeros(3, 128, 3, 3)},
-             tmp_path / "vae.pt")
+  vae = {"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.conv_out.weight": torch.zeros(3, 128, 3, 3)}
+  torch.save(vae, tmp_path / "vae.pt")
   assert "not a DiT" in _bad(tmp_path, tmp_path / "vae.pt")
   (tmp_path / "weights.npz").write_bytes(b"x")
   assert "unknown format" in _bad(tmp_path, tmp_path / "weights.npz")

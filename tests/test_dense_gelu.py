@@ -58,7 +58,8 @@ def test_auto_stays_on_xla_off_a_hopper_gpu():
   mlp = build("mlp", 32, gelu_kernel="auto")
   params = mlp.init(jax.random.key(1), x)
   p = params["params"]["fc1"]
-  h = dense_gelu.reference(x, p["kernel"], p["bias"]) @ params["params"]["fc2"]["kernel"] + params["params"]["fc2"]["bias"]
+  fc2 = params["params"]["fc2"]
+  h = dense_gelu.reference(x, p["kernel"], p["bias"]) @ fc2["kernel"] + fc2["bias"]
   np.testing.assert_allclose(mlp.apply(params, x), h, rtol=1e-6, atol=1e-6)
 
 

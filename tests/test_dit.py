@@ -139,4 +139,5 @@ def test_label_dropout_and_cfg():
   np.testing.assert_allclose(out[:2, ..., :3], uncond[..., :3] + 4.0 * (cond[..., :3] - uncond[..., :3]), atol=1e-5)
   np.testing.assert_allclose(out[2:, ..., :3], out[:2, ..., :3])
   np.testing.assert_allclose(out[..., 3:], raw[..., 3:])
-  np.testing.assert_allclose(np.asarray(with_cfg(params, xx, t, y, None))[:2], uncond + 4.0 * (cond - uncond), atol=1e-5)
+  guided = np.asarray(with_cfg(params, xx, t, y, None))[:2]
+  np.testing.assert_allclose(guided, uncond + 4.0 * (cond - uncond), atol=1e-5)

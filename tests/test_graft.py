@@ -74,7 +74,8 @@ def test_surgery_replaces_only_planned_subtrees():
   assert [l.attn.name for l in student.layers] == ["mha", "swa", "mha", "swa"]
   assert new["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (32, 64)
   for i in range(DEPTH):
-    same = jax.tree.map(np.array_equal, new[f"blocks_{i}"]["adaLN_modulation"], params[f"blocks_{i}"]["adaLN_modulation"])
+    block = f"blocks_{i}"
+    same = jax.tree.map(np.array_equal, new[block]["adaLN_modulation"], params[block]["adaLN_modulation"])
     assert all(jax.tree.leaves(same))
   assert new["blocks_2"]["attn"] is params["blocks_2"]["attn"]
   assert not np.array_equal(new["blocks_1"]["attn"]["q"]["kernel"], params["blocks_1"]["attn"]["q"]["kernel"])

@@ -1,5 +1,6 @@
 """Choices made for memory, layout and precision, not maths: a fused Linear applied part by part equals one Dense,
-attention's separate q, k, v Linears start as PyTorch's fused one, remat policies give the gradients of no remat, and bf16 operators keep their backward matmuls in bf16."""
+attention's separate q, k, v Linears start as PyTorch's fused one, remat policies give the gradients of no remat,
+and bf16 operators keep their backward matmuls in bf16."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -7,7 +7,8 @@ import numpy as np
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-  """(M,) positions -> (M, dim): sin of pos * omega in the first half, cos in the second; omega = 1/10000^(i/(dim/2))."""
+  """(M,) positions -> (M, dim): sin of pos * omega in the first half, cos in the second;
+  omega = 1/10000^(i/(dim/2))."""
   if dim % 2:
     raise ValueError(f"a 1-D sin-cos table needs an even width, got {dim}")
   omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))

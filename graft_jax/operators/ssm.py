@@ -227,7 +227,8 @@ class Mamba2(nn.Module):
     skip = self.param("D", nn.initializers.ones, (nheads,))
     dt = jax.nn.softplus(dt.astype(_F32) + dt_bias.astype(_F32))
     ssd = ssd_bidirectional if self.bidirectional else ssd_chunked
-    y = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, kernel=self.ssd_kernel) + skip.astype(_F32)[:, None] * x.astype(_F32)
+    y = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, kernel=self.ssd_kernel)
+    y = y + skip.astype(_F32)[:, None] * x.astype(_F32)
     # Rounded to the activations' dtype before the norm, as mamba_ssm's chunk scan writes its output: a float32 y is
     # the operator's largest tensor (4 bytes x d_inner per token), written once and read forward and backward.
     y = y.astype(x.dtype)

@@ -137,7 +137,8 @@ def _sharded_call(x, kernel, bias, tiles: Tiles, num_sms: int):
 
 def dense_gelu(x, kernel, bias, *, tiles: Tiles = Tiles(), num_sms: int | None = None):
   """gelu_tanh(x @ kernel + bias) through the kernel, for x (..., k), kernel (k, n), bias (n,) of one 16-bit dtype
-  whose shapes `fit`; it compiles only for a Hopper GPU (`supported`). `num_sms` (persistent CTAs) defaults to the device's SM count."""
+  whose shapes `fit`; it compiles only for a Hopper GPU (`supported`). `num_sms` (persistent CTAs) defaults to the
+  device's SM count."""
   if num_sms is None:
     num_sms = getattr(jax.devices()[0], "core_count", 132)
   lead, k = x.shape[:-1], x.shape[-1]

@@ -80,7 +80,7 @@ class Windows:
     """Whole groups, no box reaching past its group, none wider than _WIDEST."""
     span = self.group * self.head_dim
     return (self.num_heads % self.group == 0 and self.width <= _WIDEST
-            and all(start % span + self.width <= span for start in self.starts[:self.group]))
+            and all(start + self.width <= span for start in self.starts[:self.group]))
 
 
 def to_slots(a: jax.Array, num_heads: int, axis: int = -1) -> jax.Array:
@@ -155,7 +155,7 @@ def _kernel_call(q, k, v, tiles: Tiles):
 
     def copy_window(ref, rows, dst, barrier):
       """TMA of this head's window of `rows` of a (B, N, groups, group * d) operand into dst."""
-      for j, start in enumerate(windows.starts[:g]):
+      for j, start in enumerate(windows.starts[:g]):  # the first group's starts: every group's, within it
         @pl.when(lax.rem(head, g) == j)
         def _():
           plgpu.copy_gmem_to_smem(ref.at[batch, rows, lax.div(head, g), pl.ds(start, p)], dst, barrier)

@@ -1,8 +1,8 @@
 """The Hopper self-attention kernel (operators/kernels/hopper_attention.py) behind MHA's backend "mosaic": it cannot
 run on a CPU, so these check what can be checked here. MHA lowers to it at DiT's head width; the kernel's windows
 (16-channel-aligned boxes over heads of 72 laid back to back, the neighbour's channels zeroed) hold each head at its
-slot's offset; differentiated calls take the cuDNN/XLA composition's values and gradients exactly; where the kernel
-does not take the shapes, the slotted composition equals the plain one, also on batch shards under a sharded jit;
+offset; differentiated calls take the cuDNN/XLA composition's values and gradients exactly; where the kernel does
+not take the shapes, the reference runs, also on batch shards under a sharded jit;
 "auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the H200's to measure
 (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
 import jax
@@ -27,9 +27,11 @@ def _mha(backend: str, tokens: int, dtype=jnp.bfloat16):
   return module, params, x
 
 
-def test_mha_lowers_to_the_kernel():
-  # 512 tokens: two 256-key steps, two programs of 128 queries per (batch, head).
-  module, params, x = _mha("mosaic", 512)
+@pytest.mark.parametrize("tokens", [512, 256])
+def test_mha_lowers_to_the_kernel(tokens):
+  # 512 tokens: items of two 256-key steps; 256 tokens: of two 128-key steps (three stages); two items of 128
+  # queries per (batch, head), on persistent programs.
+  module, params, x = _mha("mosaic", tokens)
   exported = jax.export.export(
       jax.jit(module.apply), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
@@ -48,28 +50,33 @@ def test_differentiated_mha_takes_the_plain_composition():
     np.testing.assert_array_equal(a, b)
 
 
-def test_windows_read_each_head_into_its_slot():
-  # What the kernel does with indices, written with numpy: the box at starts[h], the neighbour's channels zeroed.
+def test_windows_hold_each_head_at_its_offset():
+  # What the kernel does with indices, written with numpy: head h's window is the box at starts[h] (a multiple of
+  # 16 channels, inside its group); its own channels sit at offsets[h] (a multiple of 8: the epilogue slices
+  # them out of 8-column register tiles), and with the neighbour's channels zeroed in q the window's logits are the
+  # head's own.
   heads, head_dim = 16, 72
   windows = hopper_attention.Windows(heads, head_dim)
   assert (windows.width, windows.offsets[:3], windows.starts[:3]) == (80, (0, 8, 0), (0, 64, 144))
   assert windows.fit() and not windows.exact and hopper_attention.Windows(16, 64).exact
   assert not hopper_attention.Windows(3, 72).fit()  # heads of 72 come in pairs (144 channels, 9 x 16)
   assert not hopper_attention.Windows(16, 30).fit()  # a group's last 48-channel box would reach past it
-  x = np.random.default_rng(0).normal(size=(5, heads * head_dim)).astype(np.float32)
-  slots = np.asarray(hopper_attention.to_slots(jnp.asarray(x), heads)).reshape(5, heads, windows.width)
+  assert not hopper_attention.Windows(16, 36).fit()  # offsets of 4: not whole register tiles
+  rng = np.random.default_rng(0)
+  q, k = (rng.normal(size=(5, heads * head_dim)) for _ in range(2))
+  span = windows.group * head_dim
   for h, (start, offset) in enumerate(zip(windows.starts, windows.offsets)):
-    box = x[:, start:start + windows.width]
-    own = (np.arange(windows.width) >= offset) & (np.arange(windows.width) < offset + head_dim)
-    np.testing.assert_array_equal(np.where(own, box, 0), slots[:, h])
-  np.testing.assert_array_equal(np.asarray(hopper_attention.to_slots(jnp.asarray(x.T), heads, axis=0)).T,
-                                slots.reshape(5, -1))
+    assert start % 16 == 0 and offset % 8 == 0 and start % span + windows.width <= span
+    own = slice(h * head_dim, (h + 1) * head_dim)
+    q_box, k_box = q[:, start:start + windows.width], k[:, start:start + windows.width]
+    np.testing.assert_array_equal(q_box[:, offset:offset + head_dim], q[:, own])
+    mine = (np.arange(windows.width) >= offset) & (np.arange(windows.width) < offset + head_dim)
+    np.testing.assert_allclose(np.where(mine, q_box, 0) @ k_box.T, q[:, own] @ k[:, own].T, rtol=1e-12)
 
 
 @pytest.mark.parametrize("tokens", [512, 96])
-def test_slotted_output_equals_the_plain_composition(tokens):
-  # float32 is no kernel dtype (and 96 tokens no whole tile): the reference in slots and the slotted output
-  # projection run instead of the kernel.
+def test_fallback_equals_the_plain_composition(tokens):
+  # float32 is no kernel dtype (and 96 tokens no whole tile): the reference runs instead of the kernel.
   module, params, x = _mha("mosaic", tokens, jnp.float32)
   xla = ops.build("mha", x.shape[-1], num_heads=HEADS, backend="xla")
   np.testing.assert_allclose(module.apply(params, x), xla.apply(params, x), atol=1e-5, rtol=1e-5)
@@ -85,8 +92,8 @@ def test_auto_takes_the_kernel_only_where_it_paid_off():
   shape = (2, 16384, 16, 72)
   assert not hopper_attention.supported(shape, shape, jnp.bfloat16)  # no GPU here
   assert hopper_attention.fits(shape, shape, jnp.bfloat16) and not hopper_attention.fits(shape, shape, jnp.float32)
-  assert hopper_attention.pays_off(shape) and hopper_attention.pays_off((2, 4096, 16, 72))
-  assert not hopper_attention.pays_off((64, 1024, 16, 72)) and not hopper_attention.pays_off((256, 256, 16, 72))
+  assert hopper_attention.pays_off(shape) and hopper_attention.pays_off((64, 1024, 16, 72))
+  assert not hopper_attention.pays_off((256, 256, 16, 72))
   assert not hopper_attention.pays_off((2, 16384, 16, 64))  # cuDNN does not round a head of 64 up
   assert not hopper_attention.fits((2, 16384, 16, 96), (2, 16384, 16, 96), jnp.bfloat16)  # windows of 96
 

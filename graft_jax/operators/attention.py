@@ -51,15 +51,11 @@ def project_heads(x: jax.Array, weights: dict, num_heads: int):
   return [y.reshape(b, n, num_heads, -1) for y in (x @ wq + bq, x @ wk, x @ wv)]
 
 
-def project_out(y: jax.Array, weights: dict, slots: bool = False) -> jax.Array:
+def project_out(y: jax.Array, weights: dict) -> jax.Array:
   """The output Linear on (B, N, H, d) values from `project_heads`, with the values' bias folded in:
-  y W + (b + b_v W). `slots`: y is the Hopper kernel's (B, N, H, width) output, each head at its offset in a slot
-  of zeros, and W's rows are laid out to match (`hopper_attention.to_slots`)."""
+  y W + (b + b_v W)."""
   (wo, bo), bv = weights["proj"], weights["v"][1]
-  fold = bo + bv @ wo
-  if slots:
-    wo = hopper_attention.to_slots(wo, y.shape[2], axis=0)
-  return y.reshape(*y.shape[:2], -1) @ wo + fold
+  return y.reshape(*y.shape[:2], -1) @ wo + (bo + bv @ wo)
 
 
 def torch_fused_qkv(qkv_name: str, out_name: str):
@@ -110,11 +106,11 @@ def _mha(x, weights, num_heads: int, backend: str):
 
 
 def _mha_on_hopper_kernel(x, weights, num_heads: int):
-  """`_mha` with the attention on the Hopper kernel, whose output slots the output projection takes through rows
-  of zeros. Forward only: differentiated calls (a train step) run `_mha` on cuDNN."""
+  """`_mha` with the attention on the Hopper kernel. Forward only: differentiated calls (a train step) run `_mha` on
+  cuDNN, so what remat saves there is exactly what it saves without the kernel."""
   def fused(x, weights):
     q, k, v = project_heads(x, weights, num_heads)
-    return project_out(hopper_attention.attention(q, k, v, softmax_attention), weights, slots=True)
+    return project_out(hopper_attention.attention(q, k, v, softmax_attention), weights)
   reference = lambda x, weights: _mha(x, weights, num_heads, attention_backend("auto", x.dtype))
   return forward_only(fused, reference)(x, weights)
 

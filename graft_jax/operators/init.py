@@ -53,8 +53,8 @@ class FusedDense(nn.Module):
 
 class LinearWeights(nn.Module):
   """A Linear's (kernel, bias) (nn.Dense's parameter names; DiT's initialisation unless `kernel_init`), unapplied,
-  for a caller that applies several Linears its own way (attention folds biases, and lays the output projection's
-  rows out for the Hopper kernel's slots); `in_features` is the input's width."""
+  for a caller that applies several Linears its own way (attention folds the values' bias into the output
+  projection's); `in_features` is the input's width."""
   features: int
   kernel_init: Callable = nn.initializers.xavier_uniform()
 

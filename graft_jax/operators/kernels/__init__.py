@@ -29,6 +29,12 @@ def on_hopper() -> bool:
   return jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", "").startswith("9")
 
 
+def sm_count() -> int:
+  """The default device's streaming multiprocessors, which the persistent Mosaic GPU kernels run one program on
+  each; an H100's or H200's 132 where the device does not say."""
+  return getattr(jax.devices()[0], "core_count", 132)
+
+
 def forward_only(kernel: Callable, reference: Callable) -> Callable:
   """kernel(*arrays) in undifferentiated calls; a differentiated call runs `reference` instead (the composition the
   kernel replaces). The forward rule is reference's own (jax.vjp's function is a pytree of arrays, so its residuals

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit
+from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit, sm_count
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -139,8 +139,7 @@ def dense_gelu(x, kernel, bias, *, tiles: Tiles = Tiles(), num_sms: int | None =
   """gelu_tanh(x @ kernel + bias) through the kernel, for x (..., k), kernel (k, n), bias (n,) of one 16-bit dtype
   whose shapes `fit`; it compiles only for a Hopper GPU (`supported`). `num_sms` (persistent CTAs) defaults to the
   device's SM count."""
-  if num_sms is None:
-    num_sms = getattr(jax.devices()[0], "core_count", 132)
+  num_sms = num_sms or sm_count()
   lead, k = x.shape[:-1], x.shape[-1]
   # Differentiated, the XLA composition runs: remat sees its matmul and its `kept` GELU output.
   fused = forward_only(functools.partial(_sharded_call, tiles=tiles, num_sms=num_sms), reference)

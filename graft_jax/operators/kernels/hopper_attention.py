@@ -1,25 +1,27 @@
 """Self-attention forward for heads of up to 80 channels (DiT's and PixArt's 72) as one Mosaic GPU kernel for Hopper.
 
-cuDNN runs a head of 72 on tiles of 128 channels: on an H200 it takes 6.6-6.8 ms at PixArt's 2048 px (B=2,
-N=16,384, 16 heads), against 4.71 ms for a head of 64. Here a head costs what one of 80 does (the next multiple of
-16, wgmma's k step). At 2 x 16,384 tokens it takes 5.34 ms against cuDNN's 6.77 (benchmarks/hopper_attention.py,
-hopper_attention.json).
+cuDNN runs a head of 72 on tiles of 128 channels: on an H200 it takes 6.9 ms at PixArt's 2048 px (B=2, N=16,384,
+16 heads), against 4.71 ms for a head of 64. Here a head costs what one of 80 does (the next multiple of 16, wgmma's
+k step): 5.19 ms there, and 0.31 against cuDNN's 0.34 ms at DiT-XL/2's 256 x 256 tokens (benchmarks/
+hopper_attention.py, hopper_attention.json).
 
-Operands: q, k and v as the projections write them, heads of 72 back to back. Mosaic's TMA cuts boxes whose minor
-side starts on a multiple of the 16-channel tile (8-row tiles of 32-byte swizzled rows, which wgmma reads), and
-72 h is one only for even h. So head h is read as the 80-channel `Windows` box starting at the multiple of 16 at or
-below 72 h: its own channels sit at offset 0 (even h) or 8 (odd h), the other 8 belong to a neighbour. Zeroing
-those in q (once per program) leaves q k^T exact; p v then carries the neighbour's 8 values, which are zeroed too,
-and the output is written as `width`-channel slots, each head at its offset (`to_slots`): MHA's output projection
-takes slots through rows of zeros, which costs 11% more FLOPs on that one matmul. Padding q, k and v in their
-weights instead made all four projections 11% wider and q's bias a pass of its own; against that (one H200 call)
-the whole MHA forward is as fast at 2 x 16,384 tokens (5.88 against 5.87 ms, though the kernel alone reads its
-windows 4% slower: 5.38 against 5.18) and faster at 2 x 4,096 (0.556 against 0.591).
+Operands and output as the projections write and read them, heads of 72 back to back. Mosaic's TMA cuts boxes whose
+minor side starts on a multiple of the 16-channel tile (8-row tiles of 32-byte swizzled rows, which wgmma reads),
+and 72 h is one only for even h. So head h is read as the 80-channel `Windows` box starting at the multiple of 16
+at or below 72 h: its own channels sit at offset 0 (even h) or 8 (odd h), the other 8 belong to a neighbour.
+Zeroing those in q leaves q k^T exact; p v then carries the neighbour's 8 values in those columns, which the
+epilogue drops: it slices the head's own 72 columns out of the registers (wgmma's register tiles are 8 columns
+wide) and stores them from plain, unswizzled rows, which TMA may write 144 bytes wide at 72 h.
 
-Structure (FlashAttention-3's): a program takes 2 x block_q queries of one (batch, head); two compute warpgroups take
-block_q rows each and keep an online softmax in float32 registers; the third warpgroup streams k and v through a
-ring of shared-memory stages with TMA. A barrier between the two compute warpgroups makes them take turns on the
-tensor cores, so one's exponentials run while the other's matmuls do. exp2 is the hardware approximation.
+Structure (FlashAttention-3's, persistent): one program per SM walks work items of 2 x block_q queries of one
+(batch, head), query tiles varying fastest so that programs running side by side share a head's keys in L2. Two
+compute warpgroups take block_q rows each and keep an online softmax in float32 registers; they load the next
+item's queries while they work on this one's, and store each output with TMA without waiting for it. The third
+warpgroup streams k and v through one ring of shared-memory stages that runs on across items, so the next item's
+keys load while this one finishes. A barrier between the compute warpgroups makes them take turns on the tensor
+cores, so one's exponentials run while the other's matmuls do. exp2 is the hardware approximation. Against a
+program per item (the kernel's first version), persistence took DiT's 256-token attention from 0.44 to 0.31 ms:
+an item there is two steps of 128 keys, too short to hide its own loads and stores.
 
 Forward only (`kernels.forward_only`): a differentiated call runs the caller's reference (cuDNN or XLA).
 """
@@ -35,13 +37,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit
+from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit, sm_count
 
 _F32 = jnp.float32
 _GRAIN = 16  # TMA boxes start on, and wgmma's k steps through, multiples of this many channels
-# The widest window: at 256 keys x 2 stages, k and v take 160 KB of shared memory at 80 channels (a Hopper SM has
-# 227 KB), and a compute warpgroup's registers hold the (64, 256) logits, their bf16 copy and the (64, 80) output;
-# wider ones would need other tiles, which nothing here has measured.
+# The widest window: at 256 keys x 2 stages, k and v take 160 KB of shared memory at 80 channels and q's two buffers
+# and the output's staging 58 KB more (a Hopper SM has 227 KB), and a compute warpgroup's registers hold the
+# (64, 256) logits, their bf16 copy and the (64, 80) output; wider ones would need other tiles, which nothing here
+# has measured.
 _WIDEST = 80
 
 
@@ -49,8 +52,7 @@ _WIDEST = 80
 class Windows:
   """Where the kernel reads each of `num_heads` heads of `head_dim` channels, laid back to back: head h is the
   `width`-channel box starting at `starts[h]`, the multiple of _GRAIN at or below h * head_dim, with its own
-  channels at `offsets[h]` in it; the output holds each head in a slot of `width` channels at the same offset.
-  Every `group` heads span a whole number of _GRAIN channels, so the kernel sees the channels as groups and cuts
+  channels at `offsets[h]` in it. Every `group` heads span a whole number of _GRAIN channels, so the kernel sees the channels as groups and cuts
   each head's box at one of `group` static places in its group (Mosaic checks a box's alignment statically)."""
   num_heads: int
   head_dim: int
@@ -77,38 +79,26 @@ class Windows:
     return self.width == self.head_dim
 
   def fit(self) -> bool:
-    """Whole groups, no box reaching past its group, none wider than _WIDEST."""
+    """Whole groups, no box reaching past its group, none wider than _WIDEST, and heads of a multiple of 8 channels
+    (the output is sliced out of 8-column register tiles and stored in rows of a multiple of 16 bytes)."""
     span = self.group * self.head_dim
-    return (self.num_heads % self.group == 0 and self.width <= _WIDEST
+    return (self.num_heads % self.group == 0 and self.width <= _WIDEST and self.head_dim % 8 == 0
             and all(start + self.width <= span for start in self.starts[:self.group]))
-
-
-def to_slots(a: jax.Array, num_heads: int, axis: int = -1) -> jax.Array:
-  """a with the num_heads heads along `axis` (num_heads x head_dim channels, back to back) moved into the kernel's
-  output slots (num_heads x `Windows.width`, each head at its offset, zeros around it): what the kernel writes, for
-  a reference output, and the layout of the output projection's rows."""
-  axis = axis % a.ndim
-  windows = Windows(num_heads, a.shape[axis] // num_heads)
-  d, width = windows.head_dim, windows.width
-  a = jnp.moveaxis(a, axis, -1)
-  heads = a.reshape(*a.shape[:-1], num_heads, d)
-  slots = jnp.stack([jnp.pad(heads[..., h, :], [(0, 0)] * (a.ndim - 1) + [(off, width - off - d)])
-                     for h, off in enumerate(windows.offsets)], axis=-2)
-  return jnp.moveaxis(slots.reshape(*a.shape[:-1], num_heads * width), -1, axis)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-  """Queries a compute warpgroup takes (wgmma's M is 64), keys a step, k/v stages in flight. Chosen on an H200 at
-  PixArt's 2 x 16,384 tokens, heads of 72 (ms): 256 keys x 2 stages 5.09, 128 x 3 5.49, 128 x 4 5.50, 64 x 6 6.52;
-  256 x 3 does not fit in shared memory. Sequences of fewer than two steps of 256 take 128 keys a step."""
+  """Queries a compute warpgroup takes (wgmma's M is 64), keys a step, k/v stages in flight. Chosen on an H200,
+  heads of 72 (ms): at PixArt's 2 x 16,384 tokens 256 keys x 2 stages 5.09, 128 x 3 5.49, 128 x 4 5.50, 64 x 6
+  6.52 (256 x 3 does not fit in shared memory); at DiT's 256 x 256 tokens, persistent, 128 x 3 0.292, 128 x 4
+  0.299, 256 x 2 0.311, 128 x 2 0.349. Sequences of fewer than two steps of 256 take 128 keys x 3."""
   block_q: int = 64
   block_kv: int = 256
   stages: int = 2
 
   @classmethod
   def for_tokens(cls, n: int) -> Tiles:
-    return cls() if n % 256 == 0 and n >= 512 else cls(block_kv=128)
+    return cls() if n % 256 == 0 and n >= 512 else cls(block_kv=128, stages=3)
 
 
 def fits(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
@@ -117,7 +107,7 @@ def fits(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
   b, n, h, d = q_shape
   tiles = tiles or Tiles.for_tokens(n)
   return (sixteen_bit(dtype) and tuple(k_shape) == tuple(q_shape) and Windows(h, d).fit()
-          and n % (2 * tiles.block_q) == 0 and n % tiles.block_kv == 0 and n // tiles.block_kv >= tiles.stages)
+          and n % (2 * tiles.block_q) == 0 and n % tiles.block_kv == 0)
 
 
 def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
@@ -127,159 +117,184 @@ def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
 
 def pays_off(q_shape) -> bool:
   """Where `auto` takes the kernel over cuDNN, from benchmarks/hopper_attention.py on an H200 (16 heads of 72, bf16;
-  the whole MHA forward): 2 x 16,384 tokens 5.87 against 7.34 ms, 2 x 4,096 0.557 against 0.600, but 64 x 1,024
-  2.03 against 1.98 and 256 x 256 1.50 against 1.33. So: sequences of 4,096 tokens and more, and heads cuDNN rounds
-  up (not a multiple of 64)."""
-  return q_shape[1] >= 4096 and q_shape[-1] % 64 != 0
+  the whole MHA forward): 2 x 16,384 tokens 5.72 against 7.34 ms, 2 x 4,096 0.537 against 0.602, 64 x 1,024 1.84
+  against 1.97, but 256 x 256 1.318 against 1.321 (and DiT-XL/2's whole batch-256 forward ties, 114.8-115.5
+  against 115.1 ms). So: sequences of 1,024 tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
+  return q_shape[1] >= 1024 and q_shape[-1] % 64 != 0
 
 
-def _kernel_call(q, k, v, tiles: Tiles):
-  """The kernel on (B, N, H, d) operands whose `Windows` fit; the output in slots, (B, N, H, width)."""
+def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
+  """The kernel on (B, N, H, d) operands whose `Windows` fit, on `num_sms` persistent programs."""
   b, n, h, d = q.shape
   windows = Windows(h, d)
   p, g = windows.width, windows.group
   bq, bkv, stages = tiles.block_q, tiles.block_kv, tiles.stages
-  steps = n // bkv
+  steps, q_tiles = n // bkv, n // (2 * bq)
+  items = b * h * q_tiles
   # Logits in base 2: exp(s / sqrt(d)) = exp2(s * c).
   c = math.log2(math.e) / math.sqrt(d)
   # wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any window.
   transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * jnp.dtype(q.dtype).itemsize))
 
+  def item(j):
+    """(batch, head, first query) of this program's j-th item. Query tiles vary fastest, so the programs running
+    side by side share a head's keys and values in L2."""
+    index = j * lax.axis_size("sm") + lax.axis_index("sm")
+    head = lax.rem(lax.div(index, q_tiles), h)
+    return lax.div(index, q_tiles * h), head, lax.rem(index, q_tiles) * 2 * bq
+
   def body(q_ref, k_ref, v_ref, o_ref, smem, loaded, freed, turn):
-    q_smem, k_smem, v_smem = smem
+    q_smem, o_smem, k_smem, v_smem = smem
     q_loaded, k_loaded, v_loaded = loaded
     k_freed, v_freed = freed
     wg = lax.axis_index("wg")
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    offset = lax.rem(head * d, _GRAIN)
+    sm, programs = lax.axis_index("sm"), lax.axis_size("sm")
+    count = lax.div(items, programs) + (sm < items % programs).astype(jnp.int32)  # this program's items
+    total = count * steps  # and its key steps, which go through one ring of stages across items
 
-    def copy_window(ref, rows, dst, barrier):
-      """TMA of this head's window of `rows` of a (B, N, groups, group * d) operand into dst."""
+    def copy_window(ref, batch, head, rows, dst, barrier):
+      """TMA of `head`'s window of `rows` of a (B, N, groups, group * d) operand into dst."""
       for j, start in enumerate(windows.starts[:g]):  # the first group's starts: every group's, within it
         @pl.when(lax.rem(head, g) == j)
         def _():
           plgpu.copy_gmem_to_smem(ref.at[batch, rows, lax.div(head, g), pl.ds(start, p)], dst, barrier)
 
-    def own_channels(rows):
-      """Where a (rows, p) tile holds this head's channels, not a neighbour's."""
-      channel = plgpu.broadcasted_iota(jnp.int32, (rows, p), 1, layout=plgpu.Layout.WGMMA)
+    def own_channels(head):
+      """Where a (block_q, p) tile holds `head`'s channels, not a neighbour's."""
+      offset = lax.rem(head * d, _GRAIN)
+      channel = plgpu.broadcasted_iota(jnp.int32, (bq, p), 1, layout=plgpu.Layout.WGMMA)
       return (channel >= offset) & (channel < offset + d)
 
     def take_turn():
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-    @pl.when(wg < 2)
+    @pl.when((wg < 2) & (count > 0))
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      rows = pl.ds(lax.axis_index("q_tiles") * 2 * bq + wg * bq, bq)
-      q_tile = q_smem.at[wg]
-      copy_window(q_ref, rows, q_tile, q_loaded.at[wg])
-      plgpu.barrier_wait(q_loaded.at[wg])
-      if not windows.exact:  # the neighbour's channels out of q, so they add nothing to the logits
-        q_tile[...] = jnp.where(own_channels(bq), q_tile[...], 0)
-        plgpu.commit_smem()
+
+      def load_q(j):
+        """This warpgroup's queries of item j, into buffer j % 2 (the next item's load overlaps this one)."""
+        batch, head, first = item(j)
+        buf = lax.rem(j, 2)
+        copy_window(q_ref, batch, head, pl.ds(first + wg * bq, bq), q_smem.at[buf, wg], q_loaded.at[buf, wg])
 
       row_stat = lambda value: plgpu.layout_cast(jnp.full((bq,), value, _F32), plgpu.Layout.WGMMA.reduce(1))
+      load_q(0)
       plgpu.barrier_wait(k_loaded.at[0])
       pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
 
-      def step(i, carry):
-        o, m, l = carry
-        slot = lax.rem(i, stages)
+      @pl.loop(0, count)
+      def _(j):
+        batch, head, first = item(j)
+        buf = lax.rem(j, 2)
+        pl.when(j + 1 < count)(lambda: load_q(j + 1))
+        q_tile = q_smem.at[buf, wg]
+        plgpu.barrier_wait(q_loaded.at[buf, wg])
+        if not windows.exact:  # the neighbour's channels out of q, so they add nothing to the logits
+          q_tile[...] = jnp.where(own_channels(head), q_tile[...], 0)
+          plgpu.commit_smem()
 
-        def logits(acc):
-          plgpu.wgmma(acc, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          take_turn()
-          return acc[...]
-        s = pl.run_scoped(logits, plgpu.ACC((bq, bkv), _F32))
-        plgpu.barrier_arrive(k_freed.at[slot])
+        def step(i, carry):
+          o, m, l = carry
+          ring = j * steps + i  # this program's key step
+          slot = lax.rem(ring, stages)
 
-        m_new = jnp.maximum(m, s.max(axis=1) * c)
-        alpha = jnp.exp2(m - m_new)
-        e = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, (0,)))
-        l = l * alpha + e.sum(axis=1)
-        o = o * lax.broadcast_in_dim(alpha, o.shape, (0,))
-        e = e.astype(q.dtype)
-        # Keeps the rescale and the cast from sinking past the hand-over: this warpgroup's exponentials finish
-        # before the other one's matmuls start.
-        o, l, m_new, e = lax.optimization_barrier((o, l, m_new, e))
-        plgpu.barrier_arrive(turn)  # done with the exponentials: the other warpgroup's matmuls may go
-        plgpu.barrier_wait(v_loaded.at[slot])
-        plgpu.barrier_wait(turn)
+          def logits(acc):
+            plgpu.wgmma(acc, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            take_turn()
+            return acc[...]
+          s = pl.run_scoped(logits, plgpu.ACC((bq, bkv), _F32))
+          plgpu.barrier_arrive(k_freed.at[slot])
 
-        def values(acc):
-          plgpu.wgmma(acc, e, v_smem.at[slot])
+          m_new = jnp.maximum(m, s.max(axis=1) * c)
+          alpha = jnp.exp2(m - m_new)
+          e = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, (0,)))
+          l = l * alpha + e.sum(axis=1)
+          o = o * lax.broadcast_in_dim(alpha, o.shape, (0,))
+          e = e.astype(q.dtype)
+          # Keeps the rescale and the cast from sinking past the hand-over: this warpgroup's exponentials finish
+          # before the other one's matmuls start.
+          o, l, m_new, e = lax.optimization_barrier((o, l, m_new, e))
+          plgpu.barrier_arrive(turn)  # done with the exponentials: the other warpgroup's matmuls may go
+          plgpu.barrier_wait(v_loaded.at[slot])
+          plgpu.barrier_wait(turn)
 
-          @pl.when(i + 1 < steps)
+          def values(acc):
+            plgpu.wgmma(acc, e, v_smem.at[slot])
+
+            @pl.when(ring + 1 < total)
+            def _():
+              plgpu.barrier_wait(k_loaded.at[lax.rem(ring + 1, stages)])
+          o = pl.run_state(values)(plgpu.ACC.init(o))
+          plgpu.barrier_arrive(v_freed.at[slot])
+          return o, m_new, l
+
+        o = plgpu.layout_cast(jnp.zeros((bq, p), _F32), plgpu.Layout.WGMMA)
+        o, _, l = lax.fori_loop(0, steps, step, (o, row_stat(-jnp.inf), row_stat(0.0)))
+        o = (o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))).astype(q.dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has read o_smem
+        rows = pl.ds(first + wg * bq, bq)
+        # The head's own channels only (p v's others carry the neighbour's values), stored at its place in its
+        # group: both static for each of the group's heads.
+        for j, offset in enumerate(windows.offsets[:g]):
+          @pl.when(lax.rem(head, g) == j)
           def _():
-            plgpu.barrier_wait(k_loaded.at[lax.rem(i + 1, stages)])
-        o = pl.run_state(values)(plgpu.ACC.init(o))
-        plgpu.barrier_arrive(v_freed.at[slot])
-        return o, m_new, l
+            o_smem[wg] = o[:, offset:offset + d]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, rows, lax.div(head, g), pl.ds(j * d, d)])
 
-      o = plgpu.layout_cast(jnp.zeros((bq, p), _F32), plgpu.Layout.WGMMA)
-      o, _, l = lax.fori_loop(0, steps, step, (o, row_stat(-jnp.inf), row_stat(0.0)))
       pl.when(wg == 0)(take_turn)  # the turn warpgroup 1 took before its loop
-
-      o = o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))
-      if not windows.exact:  # p v's channels from the neighbour's values
-        o = jnp.where(own_channels(bq), o, 0.0)
-      # q's tile is free once the loop ends: the output is staged there for its TMA store.
-      q_tile[...] = o.astype(q.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, rows, head])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
 
-      def fetch(i, slot):
-        keys = pl.ds(i * bkv, bkv)
-        copy_window(k_ref, keys, k_smem.at[slot], k_loaded.at[slot])
-        copy_window(v_ref, keys, v_smem.at[slot], v_loaded.at[slot])
+      def fetch(ring):
+        batch, head, _ = item(lax.div(ring, steps))
+        keys, slot = pl.ds(lax.rem(ring, steps) * bkv, bkv), lax.rem(ring, stages)
+        copy_window(k_ref, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
+        copy_window(v_ref, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
 
-      for i in range(stages):
-        fetch(i, i)
+      for ring in range(stages):
+        pl.when(ring < total)(functools.partial(fetch, ring))
 
-      @pl.loop(stages, steps)
-      def _(i):
-        slot = lax.rem(i, stages)
+      @pl.loop(stages, total)
+      def _(ring):
+        slot = lax.rem(ring, stages)
         plgpu.barrier_wait(k_freed.at[slot])
         plgpu.barrier_wait(v_freed.at[slot])
-        fetch(i, slot)
+        fetch(ring)
 
   def entry(q_ref, k_ref, v_ref, o_ref):
-    smem = [plgpu.SMEM((2, bq, p), q.dtype, transforms=transforms)]
+    smem = [plgpu.SMEM((2, 2, bq, p), q.dtype, transforms=transforms),  # queries: (buffer, warpgroup)
+            plgpu.SMEM((2, bq, d), q.dtype)]  # output staging, a tile a warpgroup (plain rows: TMA stores 72 wide)
     smem += [plgpu.SMEM((stages, bkv, p), q.dtype, transforms=transforms)] * 2
     pl.run_scoped(
         functools.partial(body, q_ref, k_ref, v_ref, o_ref), smem,
-        (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages)),
+        (plgpu.Barrier(num_barriers=(2, 2)), plgpu.Barrier(num_barriers=stages),
+         plgpu.Barrier(num_barriers=stages)),
         (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,  # both compute warpgroups are done with a slot
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg")
 
   grouped = lambda a: a.reshape(b, n, h // g, g * d)
   return plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((b, n, h, p), q.dtype), grid=(h, n // (2 * bq), b),
-      grid_names=("heads", "q_tiles", "batch"), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))(grouped(q), grouped(k), grouped(v))
+      entry, out_type=jax.ShapeDtypeStruct((b, n, h // g, g * d), q.dtype), grid=(min(num_sms, items),),
+      grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))(grouped(q), grouped(k), grouped(v)).reshape(q.shape)
 
 
-def attention(q, k, v, reference, *, tiles: Tiles | None = None):
-  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) 16-bit q, k, v, through the kernel, in its output slots
-  (B, N, H, `Windows.width`; `to_slots`); it compiles only for a Hopper GPU (`supported`). `reference(q, k, v)`
-  computes the same, unslotted: differentiated calls run it, as do batch shards whose shapes do not `fit` (under a
-  sharded jit `supported` saw only the global shape). The attention module passes it in: it cannot be imported from
-  here without a cycle."""
-  def slotted_reference(q, k, v):
-    b, n, h, d = q.shape
-    return to_slots(reference(q, k, v).reshape(b, n, h * d), h).reshape(b, n, h, -1)
-
+def attention(q, k, v, reference, *, tiles: Tiles | None = None, num_sms: int | None = None):
+  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) 16-bit q, k, v, through the kernel; it compiles only for a Hopper
+  GPU (`supported`). `reference(q, k, v)` computes the same: differentiated calls run it, as do batch shards whose
+  shapes do not `fit` (under a sharded jit `supported` saw only the global shape). `num_sms` (persistent programs)
+  defaults to the device's SM count. The attention module passes `reference` in: it cannot be imported from here
+  without a cycle."""
   def call(q, k, v):  # sized by its operands: under a sharded jit, one device's batch shard
     shard_tiles = tiles or Tiles.for_tokens(q.shape[1])
     if fits(q.shape, k.shape, q.dtype, shard_tiles):
-      return _kernel_call(q, k, v, shard_tiles)
-    return slotted_reference(q, k, v)
-  return forward_only(batch_partitioned(call), slotted_reference)(q, k, v)
+      return _kernel_call(q, k, v, shard_tiles, num_sms or sm_count())
+    return reference(q, k, v)
+  return forward_only(batch_partitioned(call), reference)(q, k, v)

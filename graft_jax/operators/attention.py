@@ -78,7 +78,7 @@ def mha_backend(requested: str, q_shape, dtype) -> str:
   """MHA's backend (one of MHA_BACKENDS) for (B, N, H, d) queries: "cudnn" and "xla" as `attention_backend` resolves
   them; "mosaic" the Hopper kernel (`kernels.hopper_attention`); "splash" TPU splash attention (`kernels.splash`;
   off TPU it runs in Pallas interpret mode, correct but slow). "auto" takes the Hopper kernel on Hopper GPUs where
-  it beat cuDNN (`hopper_attention.pays_off`: long sequences, heads not a multiple of 64), splash on TPUs from
+  it beat cuDNN (`hopper_attention.pays_off`: 1,024 tokens or more, heads not a multiple of 64), splash on TPUs from
   SPLASH_FROM_TOKENS tokens, `attention_backend`'s choice elsewhere."""
   if requested not in MHA_BACKENDS:
     raise ValueError(f"attention backend must be one of {MHA_BACKENDS}, got {requested!r}")

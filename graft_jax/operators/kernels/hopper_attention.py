@@ -52,8 +52,9 @@ _WIDEST = 80
 class Windows:
   """Where the kernel reads each of `num_heads` heads of `head_dim` channels, laid back to back: head h is the
   `width`-channel box starting at `starts[h]`, the multiple of _GRAIN at or below h * head_dim, with its own
-  channels at `offsets[h]` in it. Every `group` heads span a whole number of _GRAIN channels, so the kernel sees the channels as groups and cuts
-  each head's box at one of `group` static places in its group (Mosaic checks a box's alignment statically)."""
+  channels at `offsets[h]` in it. Every `group` heads span a whole number of _GRAIN channels, so the kernel sees
+  the channels as groups and cuts each head's box (and stores its output) at one of `group` static places in its
+  group (Mosaic checks a box's alignment statically)."""
   num_heads: int
   head_dim: int
 

@@ -238,12 +238,12 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
         rows = pl.ds(first + wg * bq, bq)
         # The head's own channels only (p v's others carry the neighbour's values), stored at its place in its
         # group: both static for each of the group's heads.
-        for j, offset in enumerate(windows.offsets[:g]):
-          @pl.when(lax.rem(head, g) == j)
+        for place, offset in enumerate(windows.offsets[:g]):
+          @pl.when(lax.rem(head, g) == place)
           def _():
             o_smem[wg] = o[:, offset:offset + d]
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, rows, lax.div(head, g), pl.ds(j * d, d)])
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, rows, lax.div(head, g), pl.ds(place * d, d)])
 
       pl.when(wg == 0)(take_turn)  # the turn warpgroup 1 took before its loop
       plgpu.wait_smem_to_gmem(0)

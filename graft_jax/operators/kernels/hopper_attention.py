@@ -20,8 +20,8 @@ item's queries while they work on this one's, and store each output with TMA wit
 warpgroup streams k and v through one ring of shared-memory stages that runs on across items, so the next item's
 keys load while this one finishes. A barrier between the compute warpgroups makes them take turns on the tensor
 cores, so one's exponentials run while the other's matmuls do. exp2 is the hardware approximation. Against a
-program per item (the kernel's first version), persistence took DiT's 256-token attention from 0.44 to 0.31 ms:
-an item there is two steps of 128 keys, too short to hide its own loads and stores.
+program per item (the previous version), persistence took DiT's 256-token attention from 0.44 to 0.31 ms: an item
+there is two steps of 128 keys, too short to hide its own loads and stores.
 
 Forward only (`kernels.forward_only`): a differentiated call runs the caller's reference (cuDNN or XLA).
 """

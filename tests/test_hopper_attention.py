@@ -74,6 +74,24 @@ def test_windows_hold_each_head_at_its_offset():
     np.testing.assert_allclose(np.where(mine, q_box, 0) @ k_box.T, q[:, own] @ k[:, own].T, rtol=1e-12)
 
 
+@pytest.mark.parametrize("batch,heads,q_tiles,programs", [(2, 16, 128, 132), (256, 16, 2, 132), (3, 2, 5, 7),
+                                                          (1, 2, 1, 132)])
+def test_persistent_programs_take_every_item_once(batch, heads, q_tiles, programs):
+  # The kernel's schedule, evaluated for every program at once: strided items, counts that cover them all exactly
+  # once, and the items that run side by side (the same j on neighbouring programs) are neighbouring query tiles of
+  # one head.
+  items = batch * heads * q_tiles
+  programs = min(programs, items)  # the kernel's grid
+  program, j = (a.astype(jnp.int32) for a in jnp.meshgrid(jnp.arange(programs), jnp.arange(-(-items // programs)),
+                                                          indexing="ij"))
+  taken = j < hopper_attention.items_of(program, programs, items)
+  index = np.stack([np.asarray(a) for a in hopper_attention.work_item(program, programs, j, heads, q_tiles)], -1)
+  taken_items = sorted(map(tuple, index[np.asarray(taken)].tolist()))
+  assert taken_items == [(b, h, t) for b in range(batch) for h in range(heads) for t in range(q_tiles)]
+  if q_tiles > 1 and programs > 1:
+    assert index[1, 0].tolist() == [*index[0, 0, :2], index[0, 0, 2] + 1]
+
+
 @pytest.mark.parametrize("tokens", [512, 96])
 def test_fallback_equals_the_plain_composition(tokens):
   # float32 is no kernel dtype (and 96 tokens no whole tile): the reference runs instead of the kernel.

@@ -124,6 +124,18 @@ def pays_off(q_shape) -> bool:
   return q_shape[1] >= 1024 and q_shape[-1] % 64 != 0
 
 
+def items_of(program, programs: int, items: int):
+  """How many of `items` work items program `program` of `programs` takes: items program, program + programs, ..."""
+  return lax.div(items, programs) + (program < items % programs).astype(jnp.int32)
+
+
+def work_item(program, programs: int, j, heads: int, q_tiles: int):
+  """(batch, head, query tile) of program `program`'s j-th work item. Query tiles vary fastest, so the programs
+  running side by side share a head's keys and values in L2."""
+  index = j * programs + program
+  return lax.div(index, q_tiles * heads), lax.rem(lax.div(index, q_tiles), heads), lax.rem(index, q_tiles)
+
+
 def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
   """The kernel on (B, N, H, d) operands whose `Windows` fit, on `num_sms` persistent programs."""
   b, n, h, d = q.shape
@@ -138,20 +150,17 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
   transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * jnp.dtype(q.dtype).itemsize))
 
   def item(j):
-    """(batch, head, first query) of this program's j-th item. Query tiles vary fastest, so the programs running
-    side by side share a head's keys and values in L2."""
-    index = j * lax.axis_size("sm") + lax.axis_index("sm")
-    head = lax.rem(lax.div(index, q_tiles), h)
-    return lax.div(index, q_tiles * h), head, lax.rem(index, q_tiles) * 2 * bq
+    """(batch, head, first query) of this program's j-th item."""
+    batch, head, q_tile = work_item(lax.axis_index("sm"), lax.axis_size("sm"), j, h, q_tiles)
+    return batch, head, q_tile * 2 * bq
 
   def body(q_ref, k_ref, v_ref, o_ref, smem, loaded, freed, turn):
     q_smem, o_smem, k_smem, v_smem = smem
     q_loaded, k_loaded, v_loaded = loaded
     k_freed, v_freed = freed
     wg = lax.axis_index("wg")
-    sm, programs = lax.axis_index("sm"), lax.axis_size("sm")
-    count = lax.div(items, programs) + (sm < items % programs).astype(jnp.int32)  # this program's items
-    total = count * steps  # and its key steps, which go through one ring of stages across items
+    count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
+    total = count * steps  # this program's key steps, which go through one ring of stages across items
 
     def copy_window(ref, batch, head, rows, dst, barrier):
       """TMA of `head`'s window of `rows` of a (B, N, groups, group * d) operand into dst."""

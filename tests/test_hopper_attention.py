@@ -1,9 +1,9 @@
 """The Hopper self-attention kernel (operators/kernels/hopper_attention.py) behind MHA's backend "mosaic": it cannot
 run on a CPU, so these check what can be checked here. MHA lowers to it at DiT's head width; the kernel's windows
 (16-channel-aligned boxes over heads of 72 laid back to back, the neighbour's channels zeroed) hold each head at its
-offset; differentiated calls take the cuDNN/XLA composition's values and gradients exactly; where the kernel does
-not take the shapes, the reference runs, also on batch shards under a sharded jit;
-"auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the H200's to measure
+offset; its persistent programs take every work item once; differentiated calls take the cuDNN/XLA composition's
+values and gradients exactly; where the kernel does not take the shapes, the reference runs, also on batch shards
+under a sharded jit; "auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the H200's to measure
 (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
 import jax
 import jax.numpy as jnp

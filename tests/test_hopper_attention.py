@@ -5,8 +5,11 @@ offset; its persistent programs take every work item once; differentiated calls 
 values and gradients exactly; where the kernel does not take the shapes, the reference runs, also on batch shards
 under a sharded jit; "auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the
 H200's to measure (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
-import jax import jax.numpy as jnp import numpy as np import pytest from test_kernels import
-_sharded_matches_one_device
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_kernels import _sharded_matches_one_device
 
 from graft_jax import operators as ops
 from graft_jax.operators.attention import softmax_attention

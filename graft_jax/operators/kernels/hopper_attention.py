@@ -162,12 +162,16 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
     count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
     total = count * steps  # this program's key steps, which go through one ring of stages across items
 
+    def at_place(head, fn):
+      """fn(place) for `head`'s place in its group, as a static int: Mosaic checks box alignment statically, so each
+      of the group's places gets its own branch (the first group's starts and offsets serve every group)."""
+      for place in range(g):
+        pl.when(lax.rem(head, g) == place)(functools.partial(fn, place))
+
     def copy_window(ref, batch, head, rows, dst, barrier):
       """TMA of `head`'s window of `rows` of a (B, N, groups, group * d) operand into dst."""
-      for j, start in enumerate(windows.starts[:g]):  # the first group's starts: every group's, within it
-        @pl.when(lax.rem(head, g) == j)
-        def _():
-          plgpu.copy_gmem_to_smem(ref.at[batch, rows, lax.div(head, g), pl.ds(start, p)], dst, barrier)
+      at_place(head, lambda place: plgpu.copy_gmem_to_smem(
+          ref.at[batch, rows, lax.div(head, g), pl.ds(windows.starts[place], p)], dst, barrier))
 
     def own_channels(head):
       """Where a (block_q, p) tile holds `head`'s channels, not a neighbour's."""
@@ -245,14 +249,14 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
         o = (o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))).astype(q.dtype)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has read o_smem
         rows = pl.ds(first + wg * bq, bq)
-        # The head's own channels only (p v's others carry the neighbour's values), stored at its place in its
-        # group: both static for each of the group's heads.
-        for place, offset in enumerate(windows.offsets[:g]):
-          @pl.when(lax.rem(head, g) == place)
-          def _():
-            o_smem[wg] = o[:, offset:offset + d]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, rows, lax.div(head, g), pl.ds(place * d, d)])
+
+        def store(place):
+          """The head's own channels only (p v's others carry the neighbour's values), at its place in its group."""
+          offset = windows.offsets[place]
+          o_smem[wg] = o[:, offset:offset + d]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, rows, lax.div(head, g), pl.ds(place * d, d)])
+        at_place(head, store)
 
       pl.when(wg == 0)(take_turn)  # the turn warpgroup 1 took before its loop
       plgpu.wait_smem_to_gmem(0)

@@ -53,6 +53,7 @@ def test_differentiated_mlp_takes_the_xla_rule():
 
 def test_auto_stays_on_xla_off_a_hopper_gpu():
   assert dense_gelu.fits(65536, 1152, 4608, jnp.bfloat16) and not dense_gelu.fits(65536, 1152, 4608, jnp.float32)
+  assert not dense_gelu.fits(128 * 3, 1152, 4608, jnp.bfloat16)  # rows of tiles come in cluster pairs
   assert not dense_gelu.supported(65536, 1152, 4608, jnp.bfloat16)
   x = jax.random.normal(jax.random.key(0), (2, 16, 32))
   mlp = build("mlp", 32, gelu_kernel="auto")
@@ -93,7 +94,7 @@ def test_sharded_call_runs_on_each_devices_rows(monkeypatch):
   rows, whole = NamedSharding(mesh, PartitionSpec(BATCH_AXES)), NamedSharding(mesh, PartitionSpec())
   w = jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(2), (256,), jnp.bfloat16)
-  for tokens, calls in ((8 * 128, [(128, 64)]), (8 * 64, [])):
+  for tokens, calls in ((8 * 256, [(256, 64)]), (8 * 128, [])):  # whole tiles in cluster pairs, or not
     seen.clear()
     x = jax.random.normal(jax.random.key(0), (tokens, 64), jnp.bfloat16)
     fn = jax.jit(lambda x, w, b: dense_gelu.dense_gelu(x, w, b, num_sms=4), in_shardings=(rows, whole, whole))

@@ -12,7 +12,7 @@ import pytest
 from test_kernels import _sharded_matches_one_device
 
 from graft_jax import operators as ops
-from graft_jax.operators.attention import softmax_attention
+from graft_jax.operators.attention import project_heads, project_packed, softmax_attention
 from graft_jax.operators.kernels import hopper_attention
 
 HEADS, HEAD_DIM = 2, 72
@@ -101,19 +101,34 @@ def test_fallback_equals_the_plain_composition(tokens):
 
 
 def test_kernel_call_runs_on_batch_shards():
-  # float32 takes the reference inside the partitioned call, standing in for the kernel a CPU cannot run.
-  q, k, v = (jax.random.normal(key, (8, 64, HEADS, HEAD_DIM)) for key in jax.random.split(jax.random.key(3), 3))
-  _sharded_matches_one_device(lambda q, k, v: hopper_attention.attention(q, k, v, softmax_attention), [q, k, v])
+  # float32 takes the reference inside the partitioned call, standing in for the kernel a CPU cannot run; q's bias
+  # stays whole on every device.
+  qkv = jax.random.normal(jax.random.key(3), (8, 64, 3, HEADS, HEAD_DIM))
+  q_bias = jax.random.normal(jax.random.key(4), (HEADS, HEAD_DIM))
+  _sharded_matches_one_device(lambda *a: hopper_attention.attention(*a, softmax_attention), [qkv], [q_bias])
+
+
+def test_packed_operand_is_the_three_projections():
+  # The kernel's operand: one matmul's q, k and v side by side, q's bias left out (the kernel adds it); through
+  # the reference (float32 on a CPU) the packed call is the unpacked attention.
+  _, params, x = _mha("xla", 96, jnp.float32)
+  weights = {name: (params["params"][name]["kernel"], params["params"][name]["bias"]) for name in "qkv"}
+  qkv = project_packed(x, weights, HEADS)
+  q, k, v = project_heads(x, weights, HEADS)
+  np.testing.assert_allclose(qkv[:, :, 0] + weights["q"][1].reshape(HEADS, -1), q, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(qkv[:, :, 1:], jnp.stack([k, v], 2), rtol=1e-6, atol=1e-6)
+  packed = hopper_attention.attention(qkv, weights["q"][1].reshape(HEADS, -1), softmax_attention)
+  np.testing.assert_allclose(packed, softmax_attention(q, k, v), rtol=1e-6, atol=1e-6)
 
 
 def test_auto_takes_the_kernel_only_where_it_paid_off():
   shape = (2, 16384, 16, 72)
-  assert not hopper_attention.supported(shape, shape, jnp.bfloat16)  # no GPU here
-  assert hopper_attention.fits(shape, shape, jnp.bfloat16) and not hopper_attention.fits(shape, shape, jnp.float32)
+  assert not hopper_attention.supported(shape, jnp.bfloat16)  # no GPU here
+  assert hopper_attention.fits(shape, jnp.bfloat16) and not hopper_attention.fits(shape, jnp.float32)
   assert hopper_attention.pays_off(shape) and hopper_attention.pays_off((64, 1024, 16, 72))
-  assert not hopper_attention.pays_off((256, 256, 16, 72))
+  assert hopper_attention.pays_off((256, 256, 16, 72)) and not hopper_attention.pays_off((64, 128, 16, 72))
   assert not hopper_attention.pays_off((2, 16384, 16, 64))  # cuDNN does not round a head of 64 up
-  assert not hopper_attention.fits((2, 16384, 16, 96), (2, 16384, 16, 96), jnp.bfloat16)  # windows of 96
+  assert not hopper_attention.fits((2, 16384, 16, 96), jnp.bfloat16)  # windows of 96
 
 
 def test_unknown_backend_is_one_sentence():

@@ -5,8 +5,10 @@ and writes the GELU: 13.6 ms of DiT-XL/2's 124 ms batch-256 forward on an H200. 
 faster, and a Triton matmul through Pallas is slower than cuBLAS at this shape. Here the GELU is applied to each
 output tile's float32 accumulator before its one write.
 
-Structure: one CTA per SM walks the output tiles (rows x 2 cols). Its memory warpgroup streams x and w tiles through
-a ring of shared-memory stages with TMA; two compute warpgroups (one per column half) run wgmma into float32
+Structure: one CTA per SM walks the output tiles (rows x 2 cols). CTAs run in clusters of two on tiles of the same
+columns, one above the other, and TMA multicasts each w tile to both: a third less traffic out of L2 (1.021
+against 1.054 ms alone at DiT-XL/2's fc1 on an H200; in its forward 0.5-1.3 ms of 113). Its memory warpgroup
+streams x and w tiles through a ring of shared-memory stages with TMA; two compute warpgroups (one per column half) run wgmma into float32
 accumulators and then the epilogue (bias, GELU, bf16, TMA store), while the memory warpgroup already loads the next
 tile. The tanh is the hardware approximation (relative error about 2^-11, under half a bf16 ulp).
 
@@ -30,6 +32,7 @@ from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopp
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
+_CLUSTER = 2  # CTAs a cluster: tiles one above the other, sharing w's tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +53,9 @@ def reference(x, kernel, bias):
 
 
 def fits(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
-  """16-bit operands on whole tiles: the kernel has no edge masking."""
-  return sixteen_bit(dtype) and m % tiles.rows == 0 and n % (2 * tiles.cols) == 0 and k % tiles.depth == 0
+  """16-bit operands on whole tiles, rows in whole cluster pairs: the kernel has no edge masking."""
+  return (sixteen_bit(dtype) and m % (_CLUSTER * tiles.rows) == 0 and n % (2 * tiles.cols) == 0
+          and k % tiles.depth == 0)
 
 
 def supported(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
@@ -63,7 +67,7 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
   m, k = x.shape
   n = kernel.shape[1]
   tm, tn, tk = tiles.rows, tiles.cols, tiles.depth
-  row_tiles, col_tiles = m // tm, n // (2 * tn)
+  row_pairs, col_tiles = m // (_CLUSTER * tm), n // (2 * tn)
   item = jnp.dtype(x.dtype).itemsize
   # wgmma reads shared memory in 8-row tiles of 128-byte swizzled rows.
   in_transforms = (plgpu.TilingTransform((8, tk)), plgpu.SwizzleTransform(tk * item))
@@ -74,7 +78,8 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
     return plgpu.emit_pipeline_warp_specialized(
         step, grid=(k // tk,),
         in_specs=[plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=in_transforms),
-                  plgpu.BlockSpec((tk, 2 * tn), lambda s: (s, 0), transforms=in_transforms)],
+                  plgpu.BlockSpec((tk, 2 * tn), lambda s: (s, 0), transforms=in_transforms,
+                                  collective_axes=("cluster",))],
         compute_context=compute, max_concurrent_steps=tiles.stages, num_compute_wgs=2, memory_registers=40,
         wg_axis="wg")
 
@@ -92,9 +97,10 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
         bias_ready=plgpu.Barrier(num_barriers=2),
         collective_axes="wg")
     def _(stages, out_smem, bias_smem, bias_ready):
-      @plgpu.nd_loop((row_tiles, col_tiles), collective_axes="sm")
+      @plgpu.nd_loop((row_pairs, col_tiles), collective_axes="clusters")
       def _(tile):
-        i, j = tile.index
+        pair, j = tile.index
+        i = pair * _CLUSTER + lax.axis_index("cluster")
         rows, cols = pl.ds(i * tm, tm), pl.ds(j * 2 * tn + wg * tn, tn)
 
         def compute(run_pipeline):
@@ -121,8 +127,9 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(num_sms,), grid_names=("sm",), num_threads=3,
-      thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))(x, kernel, bias)
+      body, out_type=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(num_sms // _CLUSTER,), grid_names=("clusters",),
+      cluster=(_CLUSTER,), cluster_names=("cluster",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))(x, kernel, bias)
 
 
 def _sharded_call(x, kernel, bias, tiles: Tiles, num_sms: int):

@@ -5,7 +5,12 @@ cuDNN runs a head of 72 on tiles of 128 channels: on an H200 it takes 6.9 ms at 
 k step): 5.19 ms there, and 0.31 against cuDNN's 0.34 ms at DiT-XL/2's 256 x 256 tokens (benchmarks/
 hopper_attention.py, hopper_attention.json).
 
-Operands and output as the projections write and read them, heads of 72 back to back. Mosaic's TMA cuts boxes whose
+Operands and output as the projections write and read them: q, k and v side by side in one (B, N, 3, H, d) array,
+the output of one fused projection matmul (0.67 ms against 0.71 for three at DiT-XL/2's 65,536 tokens on an H200),
+and the output (B, N, H, d); heads of 72 back to back. The projection leaves q's bias to the kernel, which adds it
+to each query tile it loads: XLA puts a bias into cuBLAS's epilogue only as a whole parameter and adds a
+concatenated one in a pass of its own (0.94 ms). That rounds q twice (the matmul's bf16 output, then the sum) where
+the unfused projection rounds once. Mosaic's TMA cuts boxes whose
 minor side starts on a multiple of the 16-channel tile (8-row tiles of 32-byte swizzled rows, which wgmma reads),
 and 72 h is one only for even h. So head h is read as the 80-channel `Windows` box starting at the multiple of 16
 at or below 72 h: its own channels sit at offset 0 (even h) or 8 (odd h), the other 8 belong to a neighbour.
@@ -102,26 +107,27 @@ class Tiles:
     return cls() if n % 256 == 0 and n >= 512 else cls(block_kv=128, stages=3)
 
 
-def fits(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
-  """16-bit (B, N, H, d) self-attention operands whose heads the `Windows` can read, on whole tiles: the kernel has
-  no edge masks."""
-  b, n, h, d = q_shape
+def fits(heads_shape, dtype, tiles: Tiles | None = None) -> bool:
+  """16-bit self-attention over (B, N, H, d) heads that the `Windows` can read, on whole tiles: the kernel has no
+  edge masks."""
+  b, n, h, d = heads_shape
   tiles = tiles or Tiles.for_tokens(n)
-  return (sixteen_bit(dtype) and tuple(k_shape) == tuple(q_shape) and Windows(h, d).fit()
-          and n % (2 * tiles.block_q) == 0 and n % tiles.block_kv == 0)
+  return sixteen_bit(dtype) and Windows(h, d).fit() and n % (2 * tiles.block_q) == 0 and n % tiles.block_kv == 0
 
 
-def supported(q_shape, k_shape, dtype, tiles: Tiles | None = None) -> bool:
+def supported(heads_shape, dtype, tiles: Tiles | None = None) -> bool:
   """`fits`, on Hopper GPUs (`kernels.on_hopper`)."""
-  return on_hopper() and fits(q_shape, k_shape, dtype, tiles)
+  return on_hopper() and fits(heads_shape, dtype, tiles)
 
 
-def pays_off(q_shape) -> bool:
+def pays_off(heads_shape) -> bool:
   """Where `auto` takes the kernel over cuDNN, from benchmarks/hopper_attention.py on an H200 (16 heads of 72, bf16;
-  the whole MHA forward): 2 x 16,384 tokens 5.72 against 7.34 ms, 2 x 4,096 0.537 against 0.602, 64 x 1,024 1.84
-  against 1.97, but 256 x 256 1.318 against 1.321 (and DiT-XL/2's whole batch-256 forward ties, 114.8-115.5
-  against 115.1 ms). So: sequences of 1,024 tokens and more, and heads cuDNN rounds up (not a multiple of 64)."""
-  return q_shape[1] >= 1024 and q_shape[-1] % 64 != 0
+  the whole MHA forward, before the packed projection): 2 x 16,384 tokens 5.72 against 7.34 ms, 2 x 4,096 0.537
+  against 0.602, 64 x 1,024 1.84 against 1.97, 256 x 256 1.318 against 1.321. With the projection packed into one
+  matmul the kernel takes DiT-XL/2's whole batch-256 forward (256 tokens) from 112.8-113.9 to 110.0-110.9 ms
+  (with the clustered fc1 + GELU kernel; ad-hoc script, 2026-11-29). So: sequences of 256 tokens and more, and heads
+  cuDNN rounds up (not a multiple of 64)."""
+  return heads_shape[1] >= 256 and heads_shape[-1] % 64 != 0
 
 
 def items_of(program, programs: int, items: int):
@@ -136,27 +142,31 @@ def work_item(program, programs: int, j, heads: int, q_tiles: int):
   return lax.div(index, q_tiles * heads), lax.rem(lax.div(index, q_tiles), heads), lax.rem(index, q_tiles)
 
 
-def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
-  """The kernel on (B, N, H, d) operands whose `Windows` fit, on `num_sms` persistent programs."""
-  b, n, h, d = q.shape
+def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
+  """The kernel on a (B, N, 3, H, d) operand whose `Windows` fit and q's (H, d) bias, on `num_sms` persistent
+  programs."""
+  b, n, _, h, d = qkv.shape
+  dtype = qkv.dtype
   windows = Windows(h, d)
   p, g = windows.width, windows.group
   bq, bkv, stages = tiles.block_q, tiles.block_kv, tiles.stages
   steps, q_tiles = n // bkv, n // (2 * bq)
+  # q's bias a group a row, padded to whole 128-byte lines: a warpgroup's copy moves a multiple of 128 bytes.
+  bias_row = -(-g * d * jnp.dtype(dtype).itemsize // 128) * 128 // jnp.dtype(dtype).itemsize
   items = b * h * q_tiles
   # Logits in base 2: exp(s / sqrt(d)) = exp2(s * c).
   c = math.log2(math.e) / math.sqrt(d)
   # wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any window.
-  transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * jnp.dtype(q.dtype).itemsize))
+  transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * jnp.dtype(dtype).itemsize))
 
   def item(j):
     """(batch, head, first query) of this program's j-th item."""
     batch, head, q_tile = work_item(lax.axis_index("sm"), lax.axis_size("sm"), j, h, q_tiles)
     return batch, head, q_tile * 2 * bq
 
-  def body(q_ref, k_ref, v_ref, o_ref, smem, loaded, freed, turn):
-    q_smem, o_smem, k_smem, v_smem = smem
-    q_loaded, k_loaded, v_loaded = loaded
+  def body(qkv_ref, bias_ref, o_ref, smem, loaded, freed, turn):
+    q_smem, o_smem, k_smem, v_smem, bias_smem = smem
+    q_loaded, k_loaded, v_loaded, bias_loaded = loaded
     k_freed, v_freed = freed
     wg = lax.axis_index("wg")
     count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
@@ -168,10 +178,12 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
       for place in range(g):
         pl.when(lax.rem(head, g) == place)(functools.partial(fn, place))
 
-    def copy_window(ref, batch, head, rows, dst, barrier):
-      """TMA of `head`'s window of `rows` of a (B, N, groups, group * d) operand into dst."""
+    def copy_window(part, batch, head, rows, dst, barrier):
+      """TMA of `head`'s window of `rows` of q, k or v (`part` 0, 1, 2; each `h // g` groups of the (B, N, 3 h // g,
+      g d) operand) into dst."""
       at_place(head, lambda place: plgpu.copy_gmem_to_smem(
-          ref.at[batch, rows, lax.div(head, g), pl.ds(windows.starts[place], p)], dst, barrier))
+          qkv_ref.at[batch, rows, part * (h // g) + lax.div(head, g), pl.ds(windows.starts[place], p)], dst,
+          barrier))
 
     def own_channels(head):
       """Where a (block_q, p) tile holds `head`'s channels, not a neighbour's."""
@@ -191,10 +203,12 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
         """This warpgroup's queries of item j, into buffer j % 2 (the next item's load overlaps this one)."""
         batch, head, first = item(j)
         buf = lax.rem(j, 2)
-        copy_window(q_ref, batch, head, pl.ds(first + wg * bq, bq), q_smem.at[buf, wg], q_loaded.at[buf, wg])
+        copy_window(0, batch, head, pl.ds(first + wg * bq, bq), q_smem.at[buf, wg], q_loaded.at[buf, wg])
 
       row_stat = lambda value: plgpu.layout_cast(jnp.full((bq,), value, _F32), plgpu.Layout.WGMMA.reduce(1))
+      plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
       load_q(0)
+      plgpu.barrier_wait(bias_loaded.at[wg])
       plgpu.barrier_wait(k_loaded.at[0])
       pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
 
@@ -205,9 +219,15 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
         pl.when(j + 1 < count)(lambda: load_q(j + 1))
         q_tile = q_smem.at[buf, wg]
         plgpu.barrier_wait(q_loaded.at[buf, wg])
-        if not windows.exact:  # the neighbour's channels out of q, so they add nothing to the logits
-          q_tile[...] = jnp.where(own_channels(head), q_tile[...], 0)
-          plgpu.commit_smem()
+
+        def add_bias(place):
+          bias = plgpu.load(bias_smem.at[wg, lax.div(head, g), pl.ds(windows.starts[place], p)], (),
+                            layout=plgpu.Layout.WGMMA.reduce(0))
+          q = q_tile[...] + lax.broadcast_in_dim(bias, (bq, p), (1,))
+          # The neighbour's channels out of q, so they add nothing to the logits.
+          q_tile[...] = q if windows.exact else jnp.where(own_channels(head), q, 0)
+        at_place(head, add_bias)
+        plgpu.commit_smem()
 
         def step(i, carry):
           o, m, l = carry
@@ -226,7 +246,7 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
           e = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, (0,)))
           l = l * alpha + e.sum(axis=1)
           o = o * lax.broadcast_in_dim(alpha, o.shape, (0,))
-          e = e.astype(q.dtype)
+          e = e.astype(dtype)
           # Keeps the rescale and the cast from sinking past the hand-over: this warpgroup's exponentials finish
           # before the other one's matmuls start.
           o, l, m_new, e = lax.optimization_barrier((o, l, m_new, e))
@@ -246,7 +266,7 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
 
         o = plgpu.layout_cast(jnp.zeros((bq, p), _F32), plgpu.Layout.WGMMA)
         o, _, l = lax.fori_loop(0, steps, step, (o, row_stat(-jnp.inf), row_stat(0.0)))
-        o = (o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))).astype(q.dtype)
+        o = (o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))).astype(dtype)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has read o_smem
         rows = pl.ds(first + wg * bq, bq)
 
@@ -268,8 +288,8 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
       def fetch(ring):
         batch, head, _ = item(lax.div(ring, steps))
         keys, slot = pl.ds(lax.rem(ring, steps) * bkv, bkv), lax.rem(ring, stages)
-        copy_window(k_ref, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
-        copy_window(v_ref, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
+        copy_window(1, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
+        copy_window(2, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
 
       for ring in range(stages):
         pl.when(ring < total)(functools.partial(fetch, ring))
@@ -281,34 +301,39 @@ def _kernel_call(q, k, v, tiles: Tiles, num_sms: int):
         plgpu.barrier_wait(v_freed.at[slot])
         fetch(ring)
 
-  def entry(q_ref, k_ref, v_ref, o_ref):
-    smem = [plgpu.SMEM((2, 2, bq, p), q.dtype, transforms=transforms),  # queries: (buffer, warpgroup)
-            plgpu.SMEM((2, bq, d), q.dtype)]  # output staging, a tile a warpgroup (plain rows: TMA stores 72 wide)
-    smem += [plgpu.SMEM((stages, bkv, p), q.dtype, transforms=transforms)] * 2
+  def entry(qkv_ref, bias_ref, o_ref):
+    smem = [plgpu.SMEM((2, 2, bq, p), dtype, transforms=transforms),  # queries: (buffer, warpgroup)
+            plgpu.SMEM((2, bq, d), dtype)]  # output staging, a tile a warpgroup (plain rows: TMA stores 72 wide)
+    smem += [plgpu.SMEM((stages, bkv, p), dtype, transforms=transforms)] * 2
+    smem += [plgpu.SMEM((2, h // g, bias_row), dtype)]  # q's whole bias, a copy a warpgroup
     pl.run_scoped(
-        functools.partial(body, q_ref, k_ref, v_ref, o_ref), smem,
+        functools.partial(body, qkv_ref, bias_ref, o_ref), smem,
         (plgpu.Barrier(num_barriers=(2, 2)), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_barriers=stages)),
+         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
         (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,  # both compute warpgroups are done with a slot
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg")
 
-  grouped = lambda a: a.reshape(b, n, h // g, g * d)
-  return plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((b, n, h // g, g * d), q.dtype), grid=(min(num_sms, items),),
-      grid_names=("sm",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))(grouped(q), grouped(k), grouped(v)).reshape(q.shape)
+  out = plgpu.kernel(
+      entry, out_type=jax.ShapeDtypeStruct((b, n, h // g, g * d), dtype), grid=(min(num_sms, items),),
+      grid_names=("sm",), num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
+  bias = jnp.pad(q_bias.astype(dtype).reshape(h // g, g * d), ((0, 0), (0, bias_row - g * d)))
+  return out(qkv.reshape(b, n, 3 * h // g, g * d), bias).reshape(b, n, h, d)
 
 
-def attention(q, k, v, reference, *, tiles: Tiles | None = None, num_sms: int | None = None):
-  """softmax(q k^T / sqrt(d)) v for (B, N, H, d) 16-bit q, k, v, through the kernel; it compiles only for a Hopper
-  GPU (`supported`). `reference(q, k, v)` computes the same: differentiated calls run it, as do batch shards whose
-  shapes do not `fit` (under a sharded jit `supported` saw only the global shape). `num_sms` (persistent programs)
-  defaults to the device's SM count. The attention module passes `reference` in: it cannot be imported from here
-  without a cycle."""
-  def call(q, k, v):  # sized by its operands: under a sharded jit, one device's batch shard
-    shard_tiles = tiles or Tiles.for_tokens(q.shape[1])
-    if fits(q.shape, k.shape, q.dtype, shard_tiles):
-      return _kernel_call(q, k, v, shard_tiles, num_sms or sm_count())
-    return reference(q, k, v)
-  return forward_only(batch_partitioned(call), reference)(q, k, v)
+def attention(qkv, q_bias, reference, *, tiles: Tiles | None = None, num_sms: int | None = None):
+  """softmax(q k^T / sqrt(d)) v with q = qkv[:, :, 0] + q_bias, k, v = qkv[:, :, 1], qkv[:, :, 2], for a 16-bit
+  (B, N, 3, H, d) qkv and q's (H, d) bias, through the kernel; it compiles only for a Hopper GPU (`supported`).
+  `reference(q, k, v)` computes the same: differentiated calls run it, as do batch shards whose shapes do not `fit`
+  (under a sharded jit `supported` saw only the global shape). `num_sms` (persistent programs) defaults to the
+  device's SM count. The attention module passes `reference` in: it cannot be imported from here without a cycle."""
+  def unfused(qkv, q_bias):
+    return reference(qkv[:, :, 0] + q_bias.astype(qkv.dtype), qkv[:, :, 1], qkv[:, :, 2])
+
+  def call(qkv, q_bias):  # sized by its operands: under a sharded jit, one device's batch shard
+    heads_shape = qkv.shape[:2] + qkv.shape[3:]
+    shard_tiles = tiles or Tiles.for_tokens(qkv.shape[1])
+    if fits(heads_shape, qkv.dtype, shard_tiles):
+      return _kernel_call(qkv, q_bias, shard_tiles, num_sms or sm_count())
+    return unfused(qkv, q_bias)
+  return forward_only(batch_partitioned(call, replicated=(1,)), unfused)(qkv, q_bias)

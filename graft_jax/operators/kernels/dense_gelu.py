@@ -6,11 +6,11 @@ faster, and a Triton matmul through Pallas is slower than cuBLAS at this shape. 
 output tile's float32 accumulator before its one write.
 
 Structure: one CTA per SM walks the output tiles (rows x 2 cols). CTAs run in clusters of two on tiles of the same
-columns, one above the other, and TMA multicasts each w tile to both: a third less traffic out of L2 (1.021
-against 1.054 ms alone at DiT-XL/2's fc1 on an H200; in its forward 0.5-1.3 ms of 113). Its memory warpgroup
-streams x and w tiles through a ring of shared-memory stages with TMA; two compute warpgroups (one per column half) run wgmma into float32
-accumulators and then the epilogue (bias, GELU, bf16, TMA store), while the memory warpgroup already loads the next
-tile. The tanh is the hardware approximation (relative error about 2^-11, under half a bf16 ulp).
+columns, one above the other, and TMA multicasts each w tile to both: a third less traffic out of L2 (1.021 against
+1.054 ms alone at DiT-XL/2's fc1 on an H200; in its forward 0.5-1.3 ms of 113). Its memory warpgroup streams x and w
+tiles through a ring of shared-memory stages with TMA; two compute warpgroups (one per column half) run wgmma into
+float32 accumulators and then the epilogue (bias, GELU, bf16, TMA store), while the memory warpgroup already loads
+the next tile. The tanh is the hardware approximation (relative error about 2^-11, under half a bf16 ulp).
 
 Forward only (`kernels.forward_only`): `dense_gelu`'s forward rule is the XLA composition, so a differentiated call (a
 train step, under any remat policy) saves and recomputes exactly what XLA would; undifferentiated calls (sampling,

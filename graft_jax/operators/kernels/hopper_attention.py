@@ -2,7 +2,7 @@
 
 cuDNN runs a head of 72 on tiles of 128 channels: on an H200 it takes 6.9 ms at PixArt's 2048 px (B=2, N=16,384,
 16 heads), against 4.71 ms for a head of 64. Here a head costs what one of 80 does (the next multiple of 16, wgmma's
-k step): 5.19 ms there, and 0.31 against cuDNN's 0.34 ms at DiT-XL/2's 256 x 256 tokens (benchmarks/
+k step): 5.12 ms there, and 0.29 against cuDNN's 0.34 ms at DiT-XL/2's 256 x 256 tokens (benchmarks/
 hopper_attention.py, hopper_attention.json).
 
 Operands and output as the projections write and read them: q, k and v side by side in one (B, N, 3, H, d) array,
@@ -10,13 +10,14 @@ the output of one fused projection matmul (0.67 ms against 0.71 for three at DiT
 and the output (B, N, H, d); heads of 72 back to back. The projection leaves q's bias to the kernel, which adds it
 to each query tile it loads: XLA puts a bias into cuBLAS's epilogue only as a whole parameter and adds a
 concatenated one in a pass of its own (0.94 ms). That rounds q twice (the matmul's bf16 output, then the sum) where
-the unfused projection rounds once. Mosaic's TMA cuts boxes whose
-minor side starts on a multiple of the 16-channel tile (8-row tiles of 32-byte swizzled rows, which wgmma reads),
-and 72 h is one only for even h. So head h is read as the 80-channel `Windows` box starting at the multiple of 16
-at or below 72 h: its own channels sit at offset 0 (even h) or 8 (odd h), the other 8 belong to a neighbour.
-Zeroing those in q leaves q k^T exact; p v then carries the neighbour's 8 values in those columns, which the
-epilogue drops: it slices the head's own 72 columns out of the registers (wgmma's register tiles are 8 columns
-wide) and stores them from plain, unswizzled rows, which TMA may write 144 bytes wide at 72 h.
+the unfused projection rounds once.
+
+Mosaic's TMA cuts boxes whose minor side starts on a multiple of the 16-channel tile (8-row tiles of 32-byte
+swizzled rows, which wgmma reads), and 72 h is one only for even h. So head h is read as the 80-channel `Windows`
+box starting at the multiple of 16 at or below 72 h: its own channels sit at offset 0 (even h) or 8 (odd h), the
+other 8 belong to a neighbour. Zeroing those in q leaves q k^T exact; p v then carries the neighbour's 8 values in
+those columns, which the epilogue drops: it slices the head's own 72 columns out of the registers (wgmma's register
+tiles are 8 columns wide) and stores them from plain, unswizzled rows, which TMA may write 144 bytes wide at 72 h.
 
 Structure (FlashAttention-3's, persistent): one program per SM walks work items of 2 x block_q queries of one
 (batch, head), query tiles varying fastest so that programs running side by side share a head's keys in L2. Two
@@ -220,13 +221,14 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
         q_tile = q_smem.at[buf, wg]
         plgpu.barrier_wait(q_loaded.at[buf, wg])
 
-        def add_bias(place):
+        def finish_q(place):
+          """q's bias added and, where the window is wider than the head, the neighbour's channels zeroed."""
           bias = plgpu.load(bias_smem.at[wg, lax.div(head, g), pl.ds(windows.starts[place], p)], (),
                             layout=plgpu.Layout.WGMMA.reduce(0))
           q = q_tile[...] + lax.broadcast_in_dim(bias, (bq, p), (1,))
           # The neighbour's channels out of q, so they add nothing to the logits.
           q_tile[...] = q if windows.exact else jnp.where(own_channels(head), q, 0)
-        at_place(head, add_bias)
+        at_place(head, finish_q)
         plgpu.commit_smem()
 
         def step(i, carry):

@@ -113,11 +113,12 @@ def test_packed_operand_is_the_three_projections():
   # the reference (float32 on a CPU) the packed call is the unpacked attention.
   _, params, x = _mha("xla", 96, jnp.float32)
   weights = {name: (params["params"][name]["kernel"], params["params"][name]["bias"]) for name in "qkv"}
+  q_bias = weights["q"][1].reshape(HEADS, -1)
   qkv = project_packed(x, weights, HEADS)
   q, k, v = project_heads(x, weights, HEADS)
-  np.testing.assert_allclose(qkv[:, :, 0] + weights["q"][1].reshape(HEADS, -1), q, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(qkv[:, :, 0] + q_bias, q, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(qkv[:, :, 1:], jnp.stack([k, v], 2), rtol=1e-6, atol=1e-6)
-  packed = hopper_attention.attention(qkv, weights["q"][1].reshape(HEADS, -1), softmax_attention)
+  packed = hopper_attention.attention(qkv, q_bias, softmax_attention)
   np.testing.assert_allclose(packed, softmax_attention(q, k, v), rtol=1e-6, atol=1e-6)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from graft_jax.diffusion import guide
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
+from graft_jax.operators.kernels import norm_modulate as norm_kernel
 from graft_jax.operators.remat import policy as remat_policy
 
 zeros = nn.initializers.zeros
@@ -34,6 +35,15 @@ def norm_modulate(x, shift, scale, eps: float = 1e-6):
   var = jnp.square(xf - mean).mean(-1, keepdims=True)
   normed = ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
   return normed * (1 + scale[:, None]) + shift[:, None]
+
+
+def stored_norm_modulate(x, shift, scale):
+  """norm_modulate of an x the model has written to memory anyway: on a GPU one kernel where its tiles fit
+  (operators/kernels/norm_modulate.py, forward only; XLA's own fusion is slower at DiT's width). Not for inputs XLA
+  would otherwise recompute inside the norm's fusion, such as a block's output."""
+  if norm_kernel.supported(x.shape[1], x.shape[2]):
+    return norm_kernel.norm_modulate(x, shift, scale, norm_modulate)
+  return norm_modulate(x, shift, scale)
 
 
 def adaln(c, chunks: int, name: str):
@@ -79,8 +89,8 @@ class DiTBlock(nn.Module):
     self.sow("intermediates", "block_in", x)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(c, 6, "adaLN_modulation")
     attn = self.site("attn", norm_modulate(x, shift_msa, scale_msa), gate_msa[:, None])
-    h = x + attn
-    mlp = self.site("mlp", norm_modulate(h, shift_mlp, scale_mlp), gate_mlp[:, None])
+    h = x + attn  # written out: the block's output adds to it
+    mlp = self.site("mlp", stored_norm_modulate(h, shift_mlp, scale_mlp), gate_mlp[:, None])
     # The update is summed on its own (not taken as output - x), so a 16-bit residual stream loses nothing.
     update = attn + mlp
     self.sow("intermediates", "block_update", update)

@@ -2,14 +2,14 @@
 composition (models.dit.norm_modulate): 1e-5 in float32, equal in bfloat16 to the composition run op by op (which
 rounds each op, as the kernel does; compiled, XLA may keep intermediates in float32); a differentiated call takes
 the composition's gradients; it runs on batch shards; it lowers for CUDA at DiT-XL/2's shape; and DiT's blocks take
-it for the MLP's norm alone. Its speed is the H200's to measure (benchmarks/dit.py)."""
+it for the MLP's norm alone, when its dtypes agree. Its speed is the H200's to measure (benchmarks/dit.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 from test_kernels import TOL, _grads, _normal, _sharded_matches_one_device
 
 from graft_jax.models import DiT, dit_config, init_params
-from graft_jax.models.dit import norm_modulate
+from graft_jax.models.dit import norm_modulate, stored_norm_modulate
 from graft_jax.operators.kernels import norm_modulate as norm_kernel
 
 
@@ -75,3 +75,11 @@ def test_dit_takes_the_kernel_for_the_mlps_norm_only(monkeypatch):
   np.testing.assert_allclose(got, want, **TOL)
   for g, w in zip(jax.tree.leaves(got_sown), jax.tree.leaves(want_sown)):
     np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_mixed_dtypes_stay_on_the_composition(monkeypatch):
+  monkeypatch.setattr(norm_kernel, "supported", norm_kernel.fits)
+  x, shift, scale = _operands(6, 1, norm_kernel.BLOCK_T, norm_kernel.CHUNK)
+  got = stored_norm_modulate(x.astype(jnp.bfloat16), shift, scale)  # float32 modulation promotes
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got, norm_modulate(x.astype(jnp.bfloat16), shift, scale))

@@ -40,8 +40,9 @@ def norm_modulate(x, shift, scale, eps: float = 1e-6):
 def stored_norm_modulate(x, shift, scale):
   """norm_modulate of an x the model has written to memory anyway: on a GPU one kernel where its tiles fit
   (operators/kernels/norm_modulate.py, forward only; XLA's own fusion is slower at DiT's width). Not for inputs XLA
-  would otherwise recompute inside the norm's fusion, such as a block's output."""
-  if norm_kernel.supported(x.shape[1], x.shape[2]):
+  would otherwise recompute inside the norm's fusion, such as a block's output. Mixed dtypes (the composition then
+  promotes) stay on XLA: the kernel writes x's dtype."""
+  if x.dtype == shift.dtype == scale.dtype and norm_kernel.supported(x.shape[1], x.shape[2]):
     return norm_kernel.norm_modulate(x, shift, scale, norm_modulate)
   return norm_modulate(x, shift, scale)
 

@@ -69,14 +69,13 @@ def _forward(x, shift, scale, eps: float, interpret: bool):
         compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
         interpret=interpret,
     )(x, shift, scale)
-  per_sample = lambda v: v[:, None].astype(x.dtype)
-  return batch_partitioned(call)(x, per_sample(shift), per_sample(scale))
+  return batch_partitioned(call)(x, shift[:, None], scale[:, None])
 
 
 def norm_modulate(x, shift, scale, reference, *, eps: float = 1e-6, interpret: bool | None = None):
-  """LN(x) * (1 + scale) + shift for x (B, N, D) and per-sample shift, scale (B, D) (shapes as `fits` says), through
-  the kernel; `reference` is the composition, which a differentiated call runs instead. Off GPU (interpret None
-  means "not on a GPU") the kernel runs in Pallas interpret mode, for the tests."""
+  """LN(x) * (1 + scale) + shift for x (B, N, D) and per-sample shift, scale (B, D) of x's dtype (shapes as `fits`
+  says), through the kernel; `reference` is the composition, which a differentiated call runs instead. Off GPU
+  (interpret None means "not on a GPU") the kernel runs in Pallas interpret mode, for the tests."""
   interpret = jax.default_backend() != "gpu" if interpret is None else interpret
   kernel = functools.partial(_forward, eps=eps, interpret=interpret)
   return forward_only(kernel, reference)(x, shift, scale)

@@ -4,9 +4,9 @@ python benchmarks/hopper_attention.py [--out benchmarks/results]   (on a Hopper 
 Shapes: 16 heads of 72 (DiT-XL/2's and PixArt-Sigma's) at PixArt's 2048 px and 1024 px, batch 2 (16,384 and 4,096
 tokens), 1,024 tokens at batch 64, and DiT-XL/2 at batch 256 (256 tokens). Per shape, `loop_ms` of: the attention
 alone (both on heads of 72 as the projections write them, the kernel's q, k and v packed in one array and q's
-bias added inside) with each one's largest deviation from a float32
-evaluation of the same bf16 inputs (the first 1,024 queries), relative to the largest output; and the whole MHA
-operator on each, which is what `auto` chooses by. Writes hopper_attention.json with the command, machine and date.
+bias added inside) with each one's largest deviation from a float32 evaluation of the same bf16 inputs (the first
+1,024 queries), relative to the largest output; and the whole MHA operator on each, which is what `auto` chooses
+by. Writes hopper_attention.json with the command, machine and date.
 """
 from __future__ import annotations
 

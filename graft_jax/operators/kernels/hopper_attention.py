@@ -152,15 +152,15 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
   p, g = windows.width, windows.group
   bq, bkv, stages = tiles.block_q, tiles.block_kv, tiles.stages
   steps, q_tiles = n // bkv, n // (2 * bq)
-  item = jnp.dtype(dtype).itemsize
+  itemsize = jnp.dtype(dtype).itemsize
   # q's bias a group a row, padded to whole 128-byte lines: a warpgroup's copy moves a multiple of 128 bytes.
-  line = 128 // item
+  line = 128 // itemsize
   bias_row = -(-g * d // line) * line
   items = b * h * q_tiles
   # Logits in base 2: exp(s / sqrt(d)) = exp2(s * c).
   c = math.log2(math.e) / math.sqrt(d)
   # wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any window.
-  transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * item))
+  transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * itemsize))
 
   def item(j):
     """(batch, head, first query) of this program's j-th item."""

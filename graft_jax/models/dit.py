@@ -21,7 +21,7 @@ from graft_jax.diffusion import guide
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
 from graft_jax.operators.kernels import norm_modulate as norm_kernel
-from graft_jax.operators.remat import policy as remat_policy
+from graft_jax.operators.remat import kept, policy as remat_policy
 
 zeros = nn.initializers.zeros
 normal_002 = nn.initializers.normal(0.02)
@@ -29,11 +29,15 @@ normal_002 = nn.initializers.normal(0.02)
 
 def norm_modulate(x, shift, scale, eps: float = 1e-6):
   """LN(x) * (1 + scale) + shift (adaLN modulation) for x (B, N, D) and per-sample shift, scale (B, D). LayerNorm
-  without affine, statistics always in float32 (bf16 statistics drift over 28 layers)."""
+  without affine, statistics always in float32 (bf16 statistics drift over 28 layers).
+
+  The statistics are `kept` for the backward pass: two floats a token, where recomputing them costs the backward
+  two reductions over x (an 8-layer DiT-XL/2 train step at batch 256 on an H200: 115.4-115.8 against 118.7-118.9
+  ms)."""
   xf = x.astype(jnp.float32)
-  mean = xf.mean(-1, keepdims=True)
-  var = jnp.square(xf - mean).mean(-1, keepdims=True)
-  normed = ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  mean = kept(xf.mean(-1, keepdims=True))
+  rstd = kept(jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps))
+  normed = ((xf - mean) * rstd).astype(x.dtype)
   return normed * (1 + scale[:, None]) + shift[:, None]
 
 

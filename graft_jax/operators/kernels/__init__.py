@@ -1,5 +1,6 @@
 """Backend-specific kernels (Pallas) behind the operators' `backend`, `ssd_kernel` and `gelu_kernel` options, and
-the one DiT's blocks take for the MLP's norm (norm_modulate); each has an XLA twin it is tested against.
+the ones DiT's blocks take for their norms (norm_modulate, forward and backward); each has an XLA twin it is tested
+against.
 
 The TPU kernels (causal_conv, splash) and the Triton ones (ssd, hyena_gate, norm_modulate) run on CPU through Pallas
 interpret mode (`interpret=True`), which is how the tests check their numerics; the TPU ones have not been compiled

@@ -42,9 +42,8 @@ from graft_jax.operators.remat import kept
 _F32 = jnp.float32
 BLOCK_T = 8  # tokens (rows) a program of the forward, and a step of the backward's loop
 CHUNK = 128  # channels a load: Triton's blocks are powers of two, the width need not be
-WARPS = 8
+WARPS = 8  # forward and backward: both sweeps on an H200 chose 8
 BACKWARD_STEPS = 8  # row blocks a backward program walks: fewer, larger partial sums for shift and scale
-BACKWARD_WARPS = 8
 
 
 def fits(tokens: int, width: int) -> bool:
@@ -65,14 +64,22 @@ def _rounding(dtype):
   return lambda a: a.astype(dtype).astype(_F32)  # one op of the composition, in the activations' dtype
 
 
+def _specs(span: int, width: int):
+  """Blocks of a (sample, `span` rows) program: rows of (B, N, D) operands, their (B, N) statistics, and a
+  sample's (B, 1, D) shift or scale."""
+  return (pl.BlockSpec((None, span, width), lambda i, t: (i, t, 0)), pl.BlockSpec((None, span), lambda i, t: (i, t)),
+          pl.BlockSpec((None, 1, width), lambda i, t: (i, 0, 0)))
+
+
 def _rows(x_ref, shift_ref, scale_ref, out_ref, *stats_refs, eps: float):
   rounded = _rounding(out_ref.dtype)
   width = x_ref.shape[1]
-  xs = [x_ref[:, cols].astype(_F32) for cols in _chunks(width)]
+  chunks = _chunks(width)
+  xs = [x_ref[:, cols].astype(_F32) for cols in chunks]
   mean = sum(jnp.sum(x, axis=1) for x in xs)[:, None] / width
   var = sum(jnp.sum(jnp.square(x - mean), axis=1) for x in xs)[:, None] / width
   inv = lax.rsqrt(var + eps)
-  for cols, x in zip(_chunks(width), xs):
+  for cols, x in zip(chunks, xs):
     normed = rounded((x - mean) * inv)
     modulated = rounded(normed * rounded(1 + scale_ref[:, cols].astype(_F32)))
     out_ref[:, cols] = (modulated + shift_ref[:, cols].astype(_F32)).astype(out_ref.dtype)
@@ -85,9 +92,7 @@ def _forward(x, shift, scale, eps: float, interpret: bool, stats: bool = False):
   """The modulated norm; with `stats`, also each row's mean and 1 / sqrt(var + eps), float32 (B, N)."""
   def call(x, shift, scale):  # sized by its operands: under a sharded jit, one device's batch shard
     batch, tokens, width = x.shape
-    rows = pl.BlockSpec((None, BLOCK_T, width), lambda i, t: (i, t, 0))
-    row_stats = pl.BlockSpec((None, BLOCK_T), lambda i, t: (i, t))
-    sample = pl.BlockSpec((None, 1, width), lambda i, t: (i, 0, 0))
+    rows, row_stats, sample = _specs(BLOCK_T, width)
     out = jax.ShapeDtypeStruct(x.shape, x.dtype)
     stat = jax.ShapeDtypeStruct((batch, tokens), _F32)
     return pl.pallas_call(
@@ -138,9 +143,7 @@ def _backward(dy, x, scale, mean, inv, interpret: bool):
     batch, tokens, width = x.shape
     steps = math.gcd(tokens // BLOCK_T, BACKWARD_STEPS)
     span = steps * BLOCK_T
-    rows = pl.BlockSpec((None, span, width), lambda i, t: (i, t, 0))
-    row_stats = pl.BlockSpec((None, span), lambda i, t: (i, t))
-    sample = pl.BlockSpec((None, 1, width), lambda i, t: (i, 0, 0))
+    rows, row_stats, sample = _specs(span, width)
     partial = pl.BlockSpec((None, None, width), lambda i, t: (i, t, 0))
     partials = jax.ShapeDtypeStruct((batch, tokens // span, width), _F32)
     return pl.pallas_call(
@@ -149,7 +152,7 @@ def _backward(dy, x, scale, mean, inv, interpret: bool):
         in_specs=[rows, rows, sample, row_stats, row_stats],
         out_specs=(rows, partial, partial),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), partials, partials),
-        compiler_params=plgpu.CompilerParams(num_warps=BACKWARD_WARPS, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
         interpret=interpret,
     )(dy, x, scale, mean, inv)
   return batch_partitioned(call)(dy, x, scale[:, None], mean, inv)

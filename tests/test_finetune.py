@@ -17,7 +17,6 @@ from jax.sharding import PartitionSpec as P
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config
 from graft_jax.operators.init import LinearWeights
-from graft_jax.operators.mlp import DenseGELU
 from graft_jax.train import finetune, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
 from graft_jax.train.metrics import NonFiniteError
@@ -296,14 +295,10 @@ def lora_interceptor(factors, scale):
     key = tuple(context.module.path) + ("kernel",)
     if context.method_name == "__call__" and key + ("a",) in factors:
       a, b = factors[key + ("a",)], factors[key + ("b",)]
-      if isinstance(context.module, LinearWeights):  # attention's Linears return their weights, unapplied
+      if isinstance(context.module, LinearWeights):  # attention's and the MLP's Linears return their weights
         return out[0] + scale * a @ b, out[1]
-      delta = scale * (args[0] @ a) @ b
-      if isinstance(context.module, DenseGELU):  # fc1 returns its GELU: the delta enters before it
-        p = context.module.variables["params"]
-        return jax.nn.gelu(args[0] @ p["kernel"] + p["bias"] + delta, approximate=True)
       assert isinstance(context.module, nn.Dense)
-      out = out + delta
+      out = out + scale * (args[0] @ a) @ b
     return out
   return intercept
 

@@ -1,21 +1,28 @@
-"""Linear + bias + tanh GELU (the transformer MLP's first layer) as one Mosaic GPU kernel for Hopper.
+"""The transformer MLP's GELU fused into its matmuls: Mosaic GPU kernels for Hopper.
 
-XLA runs fc1 as a cuBLAS matmul, then a second, memory-bound pass reads the (tokens, 4 x width) pre-activation back
-and writes the GELU: 13.6 ms of DiT-XL/2's 124 ms batch-256 forward on an H200. cuBLASLt's own GELU epilogue is no
-faster, and a Triton matmul through Pallas is slower than cuBLAS at this shape. Here the GELU is applied to each
-output tile's float32 accumulator before its one write.
+Forward. XLA runs fc1 as a cuBLAS matmul, then a second, memory-bound pass reads the (tokens, 4 x width)
+pre-activation back and writes the GELU: 13.6 ms of DiT-XL/2's 124 ms batch-256 forward on an H200. cuBLASLt's own
+GELU epilogue is no faster, and a Triton matmul through Pallas is slower than cuBLAS at this shape. Here the GELU is
+applied to each output tile's float32 accumulator before its one write.
 
-Structure: one CTA per SM walks the output tiles (rows x 2 cols). CTAs run in clusters of two on tiles of the same
-columns, one above the other, and TMA multicasts each w tile to both: a third less traffic out of L2 (1.021 against
-1.054 ms alone at DiT-XL/2's fc1 on an H200; in its forward 0.5-1.3 ms of 113). Its memory warpgroup streams x and w
-tiles through a ring of shared-memory stages with TMA; two compute warpgroups (one per column half) run wgmma into
-float32 accumulators and then the epilogue (bias, GELU, bf16, TMA store), while the memory warpgroup already loads
-the next tile. The tanh is the hardware approximation (relative error about 2^-11, under half a bf16 ulp).
+Train steps. XLA keeps fc1's pre-activation u, writes fc2's input gradient dh = dy @ fc2^T, then a second pass
+reads dh and u and writes du = dh * gelu'(u). Here a differentiated forward writes gelu'(u) next to the GELU, from
+the same tanh, in place of u (the same bytes), and fc2's input-gradient matmul multiplies each float32 tile by it
+before its one write: the backward's epilogue is one multiply. At DiT-XL/2's shape on an H200 that kernel takes
+1.32 ms against XLA's 1.66 for the matmul and its pass; computing gelu'(u) in its epilogue instead took 1.65 (the
+forward then 1.38 rather than 1.51, 0.13 ms back for 0.33). `mlp` is the whole MLP with that custom VJP: an 8-layer
+DiT-XL/2 train step (batch 256) takes 112.9-113.3 against 115.5-116.0 ms on XLA's MLP. fc1's bias gradient, a
+column sum of du, stays an XLA reduction (0.18 ms a layer): Mosaic GPU's reductions across warps share one scratch
+buffer between the two compute warpgroups.
 
-Forward only (`kernels.forward_only`): `dense_gelu`'s forward rule is the XLA composition, so a differentiated call (a
-train step, under any remat policy) saves and recomputes exactly what XLA would; undifferentiated calls (sampling,
-the teacher's forward in stage 1, inference) run the kernel. It rounds once where XLA rounds the matmul output, the
-bias sum and the GELU in turn.
+Structure (all three epilogues): one CTA per SM walks the output tiles (rows x 2 cols). CTAs run in clusters of two
+on tiles of the same columns, one above the other, and TMA multicasts each weight tile to both: a third less
+traffic out of L2 (1.021 against 1.054 ms alone at DiT-XL/2's fc1 on an H200; in its forward 0.5-1.3 ms of 113).
+Its memory warpgroup streams the operands' tiles through a ring of shared-memory stages with TMA; two compute
+warpgroups (one per column half) run wgmma into float32 accumulators and then the epilogue (bf16, TMA store), while
+the memory warpgroup already loads the next tile. The tanh is the hardware approximation (relative error about
+2^-11, under half a bf16 ulp). The kernels round once where XLA rounds the matmul output, the bias sum and the GELU
+(or its derivative's product) in turn.
 """
 from __future__ import annotations
 
@@ -28,11 +35,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from graft_jax.operators.kernels import batch_partitioned, forward_only, on_hopper, sixteen_bit, sm_count
+from graft_jax.operators.kernels import batch_partitioned, on_hopper, sixteen_bit, sm_count
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
-_CLUSTER = 2  # CTAs a cluster: tiles one above the other, sharing w's tiles
+_CLUSTER = 2  # CTAs a cluster: tiles one above the other, sharing the weights' tiles
+# What a kernel writes from each float32 tile: the GELU of tile + bias; that and the GELU's derivative there (a
+# differentiated forward); the tile times the matching tile of a saved derivative (the backward).
+EPILOGUES = ("gelu", "gelu_and_derivative", "times_derivative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,31 +58,53 @@ class Tiles:
 
 
 def reference(x, kernel, bias):
-  """The XLA composition the kernel replaces (and its VJP's forward rule); `kept` for remat's elementwise policy."""
+  """fc1 and its GELU by XLA (`kept` for remat's elementwise policy): what the forward kernel replaces."""
   return kept(jax.nn.gelu(x @ kernel + bias, approximate=True))
 
 
+def gelu_and_derivative(u):
+  """gelu_tanh(u) (jax.nn.gelu's formula) and its derivative, from one tanh, for float32 u."""
+  c, a = 0.7978845608028654, 0.044715
+  t = jnp.tanh(c * (u + a * (u * u * u)))
+  half = 0.5 * (1 + t)
+  return u * half, half + 0.5 * u * (1 - t * t) * c * (1 + 3 * a * u * u)
+
+
+def _reference_call(lhs, rhs, side, epilogue: str):
+  """An epilogue's XLA composition, with XLA's roundings: what the kernel computes on shapes it does not fit."""
+  if epilogue == "times_derivative":
+    return (((lhs @ rhs).astype(_F32) * side.astype(_F32)).astype(lhs.dtype),)
+  pre = lhs @ rhs + side
+  if epilogue == "gelu":
+    return (jax.nn.gelu(pre, approximate=True),)
+  return tuple(a.astype(pre.dtype) for a in gelu_and_derivative(pre.astype(_F32)))
+
+
 def fits(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
-  """16-bit operands on whole tiles, rows in whole cluster pairs: the kernel has no edge masking."""
+  """16-bit operands on whole tiles, rows in whole cluster pairs: the kernels have no edge masking."""
   return (sixteen_bit(dtype) and m % (_CLUSTER * tiles.rows) == 0 and n % (2 * tiles.cols) == 0
           and k % tiles.depth == 0)
 
 
 def supported(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
-  """`fits`, on Hopper GPUs (`kernels.on_hopper`)."""
+  """`fits` (fc1's shape: tokens, width, hidden), on Hopper GPUs (`kernels.on_hopper`)."""
   return on_hopper() and fits(m, k, n, dtype, tiles)
 
 
-def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
-  m, k = x.shape
-  n = kernel.shape[1]
+def _kernel_call(lhs, rhs, side, tiles: Tiles, num_sms: int, epilogue: str):
+  """lhs (m, k) @ rhs (k, n) with `epilogue` applied to each tile; `side` is the bias (n,) or the saved derivative
+  (m, n). Returns a tuple of (m, n) arrays: the GELU (and its derivative), or the product."""
+  m, k = lhs.shape
+  n = rhs.shape[1]
   tm, tn, tk = tiles.rows, tiles.cols, tiles.depth
   row_pairs, col_tiles = m // (_CLUSTER * tm), n // (2 * tn)
-  item = jnp.dtype(x.dtype).itemsize
+  item = jnp.dtype(lhs.dtype).itemsize
   # wgmma reads shared memory in 8-row tiles of 128-byte swizzled rows.
   in_transforms = (plgpu.TilingTransform((8, tk)), plgpu.SwizzleTransform(tk * item))
   out_swizzle = plgpu.find_swizzle(tn * item * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // item)), plgpu.SwizzleTransform(out_swizzle))
+  outputs = 2 if epilogue == "gelu_and_derivative" else 1
+  times = epilogue == "times_derivative"
 
   def pipeline(step, compute):
     return plgpu.emit_pipeline_warp_specialized(
@@ -83,20 +115,27 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
         compute_context=compute, max_concurrent_steps=tiles.stages, num_compute_wgs=2, memory_registers=40,
         wg_axis="wg")
 
-  def body(x_gmem, w_gmem, b_gmem, o_gmem):
+  def body(lhs_gmem, rhs_gmem, side_gmem, *out_gmems):
     wg = lax.axis_index("wg")
     half = pl.ds(wg * tn, tn)
     unused = lambda *_, **__: None
 
-    # Allocated once for all of this CTA's tiles, so the memory warpgroup can run ahead across tiles.
+    # Allocated once for all of this CTA's tiles, so the memory warpgroup can run ahead across tiles. The staging
+    # buffer holds each result on its way to a TMA store (and before the product, the derivative's tile).
     @functools.partial(
         pl.run_scoped,
-        stages=pipeline(unused, unused).get_allocations(x_gmem.at[pl.ds(0, tm)], w_gmem.at[:, pl.ds(0, 2 * tn)]),
-        out_smem=plgpu.SMEM((2, tm, tn), x.dtype, transforms=out_transforms),
-        bias_smem=plgpu.SMEM((2, tn), x.dtype),
-        bias_ready=plgpu.Barrier(num_barriers=2),
+        stages=pipeline(unused, unused).get_allocations(lhs_gmem.at[pl.ds(0, tm)], rhs_gmem.at[:, pl.ds(0, 2 * tn)]),
+        out_smem=plgpu.SMEM((2, tm, tn), lhs.dtype, transforms=out_transforms),
+        bias_smem=plgpu.SMEM((2, tn), lhs.dtype),
+        side_ready=plgpu.Barrier(num_barriers=2),
         collective_axes="wg")
-    def _(stages, out_smem, bias_smem, bias_ready):
+    def _(stages, out_smem, bias_smem, side_ready):
+      def store(value, out_gmem, rows, cols):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read out_smem
+        out_smem[wg] = value.astype(out_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, cols])
+
       @plgpu.nd_loop((row_pairs, col_tiles), collective_axes="clusters")
       def _(tile):
         pair, j = tile.index
@@ -106,49 +145,93 @@ def _kernel_call(x, kernel, bias, tiles: Tiles, num_sms: int):
         def compute(run_pipeline):
           @functools.partial(pl.run_scoped, acc=plgpu.ACC((tm, tn), _F32))
           def _(acc):
-            plgpu.copy_gmem_to_smem(b_gmem.at[cols], bias_smem.at[wg], bias_ready.at[wg])
+            # The side operand's load runs while the matmul does.
+            if times:
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              plgpu.copy_gmem_to_smem(side_gmem.at[rows, cols], out_smem.at[wg], side_ready.at[wg])
+            else:
+              plgpu.copy_gmem_to_smem(side_gmem.at[cols], bias_smem.at[wg], side_ready.at[wg])
             run_pipeline(acc)
-            plgpu.barrier_wait(bias_ready.at[wg])
+            plgpu.barrier_wait(side_ready.at[wg])
+            if times:
+              # Each thread reads the derivative's elements it then overwrites with its own products.
+              derivative = plgpu.load(out_smem.at[wg], (), layout=plgpu.Layout.WGMMA).astype(_F32)
+              store(acc[...] * derivative, out_gmems[0], rows, cols)
+              return
             b = plgpu.load(bias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0)).astype(_F32)
-            y = jax.nn.gelu(acc[...] + lax.broadcast_in_dim(b, (tm, tn), (1,)), approximate=True)
-            y = y.astype(out_smem.dtype)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
-            out_smem[wg] = y
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], o_gmem.at[rows, cols])
+            pre = acc[...] + lax.broadcast_in_dim(b, (tm, tn), (1,))
+            if epilogue == "gelu":
+              store(jax.nn.gelu(pre, approximate=True), out_gmems[0], rows, cols)
+              return
+            gelu, derivative = gelu_and_derivative(pre)
+            store(derivative, out_gmems[1], rows, cols)  # its store reads out_smem while the GELU is rounded
+            store(gelu, out_gmems[0], rows, cols)
 
-        def step(_, x_smem, w_smem, acc):
-          plgpu.wgmma(acc, x_smem, w_smem.at[:, half])
+        def step(_, lhs_smem, rhs_smem, acc):
+          plgpu.wgmma(acc, lhs_smem, rhs_smem.at[:, half])
           plgpu.wgmma_wait(0)
           return acc
 
-        pipeline(step, compute)(x_gmem.at[rows], w_gmem.at[:, pl.ds(j * 2 * tn, 2 * tn)], allocations=stages)
+        pipeline(step, compute)(lhs_gmem.at[rows], rhs_gmem.at[:, pl.ds(j * 2 * tn, 2 * tn)], allocations=stages)
 
     plgpu.wait_smem_to_gmem(0)
 
+  out = jax.ShapeDtypeStruct((m, n), lhs.dtype)
   return plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(num_sms // _CLUSTER,), grid_names=("clusters",),
+      body, out_type=(out,) * outputs, grid=(num_sms // _CLUSTER,), grid_names=("clusters",),
       cluster=(_CLUSTER,), cluster_names=("cluster",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))(x, kernel, bias)
+      compiler_params=plgpu.CompilerParams(approx_math=True))(lhs, rhs, side)
 
 
-def _sharded_call(x, kernel, bias, tiles: Tiles, num_sms: int):
-  """The kernel on each device's rows of x under a sharded jit (the weights whole on every device). A shard whose
-  rows do not fill whole tiles takes the XLA composition instead: `supported` saw only the global shape."""
-  def call(x, kernel, bias):
-    if fits(*x.shape, kernel.shape[1], x.dtype, tiles):
-      return _kernel_call(x, kernel, bias, tiles, num_sms)
-    return reference(x, kernel, bias)
-  return batch_partitioned(call, replicated=(1, 2))(x, kernel, bias)
+def matmul_epilogue(lhs, rhs, side, epilogue: str, *, tiles: Tiles = Tiles(), num_sms: int | None = None):
+  """lhs (m, k) @ rhs (k, n) with an `EPILOGUES` entry applied to each tile, as a tuple of (m, n) arrays: the GELU
+  (and its derivative), or the product with a saved derivative; `side` is the bias (n,) or that derivative (m, n).
+  16-bit operands on shapes that `fit` take the kernel (Hopper GPUs only; `num_sms` persistent CTAs, default the
+  device's SM count), others XLA's composition.
 
-
-def dense_gelu(x, kernel, bias, *, tiles: Tiles = Tiles(), num_sms: int | None = None):
-  """gelu_tanh(x @ kernel + bias) through the kernel, for x (..., k), kernel (k, n), bias (n,) of one 16-bit dtype
-  whose shapes `fit`; it compiles only for a Hopper GPU (`supported`). `num_sms` (persistent CTAs) defaults to the
-  device's SM count."""
+  Under a sharded jit the kernel runs on each device's rows (the weights whole on every device; a saved derivative's
+  rows sharded like lhs's). A shard whose rows do not fill whole tiles takes the composition: `supported` saw only
+  the global shape."""
   num_sms = num_sms or sm_count()
-  lead, k = x.shape[:-1], x.shape[-1]
-  # Differentiated, the XLA composition runs: remat sees its matmul and its `kept` GELU output.
-  fused = forward_only(functools.partial(_sharded_call, tiles=tiles, num_sms=num_sms), reference)
-  y = fused(x.reshape(-1, k), kernel, bias)
-  return y.reshape(*lead, kernel.shape[1])
+
+  def call(lhs, rhs, side):
+    if fits(*lhs.shape, rhs.shape[1], lhs.dtype, tiles):
+      return _kernel_call(lhs, rhs, side, tiles, num_sms, epilogue)
+    return _reference_call(lhs, rhs, side, epilogue)
+  return batch_partitioned(call, replicated=(1,) if epilogue == "times_derivative" else (1, 2))(lhs, rhs, side)
+
+
+def _column_sum(a):
+  return jnp.sum(a, axis=0, dtype=_F32).astype(a.dtype)
+
+
+def mlp(x, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, tiles: Tiles = Tiles(), num_sms: int | None = None):
+  """fc2(gelu_tanh(fc1(x))) for x (..., width) and the Linears' kernels (in, out) and biases of one 16-bit dtype,
+  fc1's shape as `fits` says; it compiles only for a Hopper GPU (`supported`). `num_sms` (persistent CTAs) defaults
+  to the device's SM count. Other dtypes and shapes take XLA's composition through the same rules.
+
+  Undifferentiated, the forward kernel writes the GELU and XLA's cuBLAS call applies fc2. Differentiated, the
+  forward kernel also writes the GELU's derivative gelu'(u) at fc1's pre-activation u; remat's elementwise policy
+  keeps it and the GELU (`kept`), as it keeps fc1's matmul output and the GELU on XLA's path, and fc2's matmul
+  output as ever. The backward's fc2 input-gradient kernel writes du = (dy @ fc2^T) * gelu'(u); XLA's matmuls and
+  column sums do the rest.
+  """
+  kernel = lambda epilogue: functools.partial(matmul_epilogue, epilogue=epilogue, tiles=tiles, num_sms=num_sms)
+  lead, width = x.shape[:-1], x.shape[-1]
+
+  @jax.custom_vjp
+  def call(x, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias):
+    (h,) = kernel("gelu")(x, fc1_kernel, fc1_bias)
+    return h @ fc2_kernel + fc2_bias
+
+  def forward_rule(x, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias):
+    h, derivative = map(kept, kernel("gelu_and_derivative")(x, fc1_kernel, fc1_bias))
+    return h @ fc2_kernel + fc2_bias, (x, fc1_kernel, fc2_kernel, h, derivative)
+
+  def backward_rule(residuals, dy):
+    x, fc1_kernel, fc2_kernel, h, derivative = residuals
+    (du,) = kernel("times_derivative")(dy, fc2_kernel.T, derivative)
+    return du @ fc1_kernel.T, x.T @ du, _column_sum(du), h.T @ dy, _column_sum(dy)
+
+  call.defvjp(forward_rule, backward_rule)
+  return call(x.reshape(-1, width), fc1_kernel, fc1_bias, fc2_kernel, fc2_bias).reshape(*lead, fc2_kernel.shape[1])

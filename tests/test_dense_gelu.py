@@ -62,6 +62,21 @@ def test_custom_vjp_matches_autodiff():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
 
 
+def test_product_and_its_column_sums():
+  """The backward's product reads the weight as stored, (n, k), and sums each tile's rows of the float32 product
+  (before rounding: the bias gradient is their sum); 300 rows end in a part tile, padded."""
+  ks = jax.random.split(jax.random.key(0), 3)
+  dy = jax.random.normal(ks[0], (300, 32))
+  w = jax.random.normal(ks[1], (48, 32))
+  derivative = jax.random.normal(ks[2], (300, 48))
+  product, sums = dense_gelu.matmul_epilogue(dy, w, derivative, "times_derivative")
+  want = (dy @ w.T) * derivative
+  np.testing.assert_allclose(product, want, rtol=1e-6, atol=1e-6)
+  assert sums.shape == (3, 48)
+  for tile, rows in enumerate((slice(0, 128), slice(128, 256), slice(256, 300))):
+    np.testing.assert_allclose(sums[tile], want[rows].sum(axis=0), rtol=1e-5, atol=1e-5)
+
+
 def test_gelu_and_its_derivative():
   u = jnp.linspace(-6, 6, 97)
   gelu, derivative = dense_gelu.gelu_and_derivative(u)
@@ -146,6 +161,7 @@ def test_sharded_call_runs_on_each_devices_rows(monkeypatch):
   from jax.sharding import NamedSharding, PartitionSpec
   from graft_jax.train.partition import BATCH_AXES, make_mesh
   seen = _record_kernel_calls(monkeypatch)
+  reference = jax.jit(dense_gelu._reference_call, static_argnums=3)
   mesh = make_mesh({"data": 4, "fsdp": 2})
   rows, whole = NamedSharding(mesh, PartitionSpec(BATCH_AXES)), NamedSharding(mesh, PartitionSpec())
   w = jax.random.normal(jax.random.key(1), (64, 256), jnp.bfloat16)
@@ -153,12 +169,21 @@ def test_sharded_call_runs_on_each_devices_rows(monkeypatch):
   for tokens, calls in ((8 * 256, [(256, 64)]), (8 * 128, [])):  # whole tiles in cluster pairs, or not
     x = jax.random.normal(jax.random.key(0), (tokens, 64), jnp.bfloat16)
     u = jax.random.normal(jax.random.key(3), (tokens, 256), jnp.bfloat16)
-    for epilogue, side, side_sharding in (("gelu", b, whole), ("times_derivative", u, rows)):
+    # The product's weight comes as stored, (n, k).
+    for epilogue, weight, side, side_sharding in (("gelu", w, b, whole), ("times_derivative", w.T, u, rows)):
       seen.clear()
       fn = jax.jit(lambda x, w, side: dense_gelu.matmul_epilogue(x, w, side, epilogue, num_sms=4),
                    in_shardings=(rows, whole, side_sharding))
-      assert "all-gather" not in fn.lower(x, w, side).compile().as_text()
-      np.testing.assert_array_equal(fn(x, w, side)[0], jax.jit(dense_gelu._reference_call, static_argnums=3)(
-          x, w, side, epilogue)[0])
+      assert "all-gather" not in fn.lower(x, weight, side).compile().as_text()
+      # Every result, the product's column sums of each tile's rows included, is each device's rows' own.
+      for got, want in zip(fn(x, weight, side), reference(x, weight, side, epilogue)):
+        np.testing.assert_array_equal(got, want)
       # (The whole batch is also traced once, for the op's output shapes.)
       assert [shape for _, shape in seen if shape[0] < tokens] == calls
+  # One row of column sums a tile of 128 rows: 8 x 64 rows do not make 8 devices' whole tiles, so every device
+  # runs the whole batch (correct, not fast).
+  x = jax.random.normal(jax.random.key(0), (8 * 64, 64), jnp.bfloat16)
+  u = jax.random.normal(jax.random.key(3), (8 * 64, 256), jnp.bfloat16)
+  fn = jax.jit(lambda x, w, u: dense_gelu.matmul_epilogue(x, w, u, "times_derivative"), in_shardings=(rows, whole, rows))
+  for got, want in zip(fn(x, w.T, u), reference(x, w.T, u, "times_derivative")):
+    np.testing.assert_array_equal(got, want)

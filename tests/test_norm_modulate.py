@@ -17,7 +17,19 @@ from graft_jax.operators.remat import policy
 
 
 def _kernel(x, shift, scale):
-  return norm_kernel.norm_modulate(x, shift, scale, norm_modulate, interpret=True)
+  return norm_kernel.norm_modulate(x, shift, scale, norm_modulate, interpret=True)[0]
+
+
+def _with_residual(norm):
+  """A block's use: the normalised rows go on (sin weighs them), and so does x, to the residual stream (cos)."""
+  def fn(x, shift, scale):
+    y, x = norm(x, shift, scale)
+    return jnp.sin(y) + jnp.cos(3 * x)
+  return fn
+
+
+def _composition_with_residual(x, shift, scale):
+  return norm_modulate(x, shift, scale), x
 
 
 def _operands(seed, batch, tokens, width):
@@ -43,6 +55,20 @@ def test_backward_matches_the_compositions_gradients_in_float32():
     args = _operands(seed, 2, tokens, 2 * norm_kernel.CHUNK)
     for got, want in zip(_grads(_kernel, *args), _grads(norm_modulate, *args)):
       np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_the_residual_streams_gradient_joins_in_the_backward_kernel():
+  """x's gradient from the residual stream (through the x that comes back) is added inside the backward kernel."""
+  kernel = _with_residual(lambda *a: norm_kernel.norm_modulate(*a, norm_modulate, interpret=True))
+  args = _operands(11, 2, 4 * norm_kernel.BLOCK_T, 2 * norm_kernel.CHUNK)
+  for got, want in zip(_grads(kernel, *args), _grads(_with_residual(_composition_with_residual), *args)):
+    np.testing.assert_allclose(got, want, **TOL)
+  # In bf16 the kernel adds the two in float32 and rounds once: within the composition's bf16 error.
+  exact = _grads(_with_residual(_composition_with_residual), *args)
+  args = [a.astype(jnp.bfloat16) for a in args]
+  for g, c, e in zip(_grads(kernel, *args), _grads(_with_residual(_composition_with_residual), *args), exact):
+    err = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32) - e)) / jnp.max(jnp.abs(e)))
+    assert err(g) <= err(c) + 2 ** -8
 
 
 def test_backward_in_bfloat16_is_within_its_rounding():
@@ -74,7 +100,7 @@ def test_kernel_runs_on_batch_shards():
 
 def test_kernels_lower_for_cuda_at_dit_xl2s_shape():
   rows, sample = jax.ShapeDtypeStruct((256, 256, 1152), jnp.bfloat16), jax.ShapeDtypeStruct((256, 1152), jnp.bfloat16)
-  fused = lambda *a: norm_kernel.norm_modulate(*a, norm_modulate, interpret=False)
+  fused = lambda *a: norm_kernel.norm_modulate(*a, norm_modulate, interpret=False)[0]
   export = lambda fn: jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
       jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(rows, sample, sample)
   forward = export(fused)
@@ -123,6 +149,6 @@ def test_dit_takes_the_kernels_for_both_norms(monkeypatch):
 def test_mixed_dtypes_stay_on_the_composition(monkeypatch):
   monkeypatch.setattr(norm_kernel, "supported", norm_kernel.fits)
   x, shift, scale = _operands(6, 1, norm_kernel.BLOCK_T, norm_kernel.CHUNK)
-  got = fused_norm_modulate(x.astype(jnp.bfloat16), shift, scale, stored=True)  # float32 modulation promotes
+  got, _ = fused_norm_modulate(x.astype(jnp.bfloat16), shift, scale, stored=True)  # float32 modulation promotes
   assert got.dtype == jnp.float32
   np.testing.assert_array_equal(got, norm_modulate(x.astype(jnp.bfloat16), shift, scale))

@@ -42,15 +42,16 @@ def norm_modulate(x, shift, scale, eps: float = 1e-6):
 
 
 def fused_norm_modulate(x, shift, scale, stored: bool):
-  """norm_modulate through the GPU kernels where they fit (operators/kernels/norm_modulate.py; XLA's own fusions
-  are slower at DiT's width, and its backward takes several passes over x). `stored`: whether an undifferentiated
+  """(norm_modulate, x) through the GPU kernels where they fit (operators/kernels/norm_modulate.py; XLA's own fusions
+  are slower at DiT's width, and its backward takes several passes over x). The residual stream takes x from here, so
+  that on the kernels its gradient joins the norm's inside the backward kernel. `stored`: whether an undifferentiated
   call has x in memory anyway (the attention's residual sum h is; a block's input is not, since XLA recomputes it
   inside the norm's fusion, so that call stays on XLA). A differentiated call always takes the kernels: a train step
   writes every block's input (the backward reads it). Mixed dtypes (the composition then promotes) stay on XLA: the
   kernels write x's dtype."""
   if x.dtype == shift.dtype == scale.dtype and norm_kernel.supported(x.shape[1], x.shape[2]):
     return norm_kernel.norm_modulate(x, shift, scale, norm_modulate, kernel_forward=stored)
-  return norm_modulate(x, shift, scale)
+  return norm_modulate(x, shift, scale), x
 
 
 def adaln(c, chunks: int, name: str):
@@ -95,9 +96,11 @@ class DiTBlock(nn.Module):
   def __call__(self, x, c):
     self.sow("intermediates", "block_in", x)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln(c, 6, "adaLN_modulation")
-    attn = self.site("attn", fused_norm_modulate(x, shift_msa, scale_msa, stored=False), gate_msa[:, None])
+    normed, x = fused_norm_modulate(x, shift_msa, scale_msa, stored=False)
+    attn = self.site("attn", normed, gate_msa[:, None])
     h = x + attn  # written out: the block's output adds to it
-    mlp = self.site("mlp", fused_norm_modulate(h, shift_mlp, scale_mlp, stored=True), gate_mlp[:, None])
+    normed, h = fused_norm_modulate(h, shift_mlp, scale_mlp, stored=True)
+    mlp = self.site("mlp", normed, gate_mlp[:, None])
     # The update is summed on its own (not taken as output - x), so a 16-bit residual stream loses nothing.
     update = attn + mlp
     self.sow("intermediates", "block_update", update)

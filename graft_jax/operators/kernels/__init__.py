@@ -13,6 +13,7 @@ hyena_gate, norm_modulate, hopper_attention and splash run on each device's batc
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -59,7 +60,13 @@ def batch_partitioned(fn: Callable, replicated: tuple[int, ...] = ()) -> Callabl
 
   def shardings(mesh, arg_shapes, result_shape):
     spec = next(shape.sharding.spec for i, shape in enumerate(arg_shapes) if i not in replicated)
-    batch = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
+    axis = spec[0] if len(spec) else None
+    devices = math.prod(mesh.shape[name] for name in jax.tree.leaves(axis))
+    # A result with fewer rows per device than whole (e.g. one row per tile of rows, a device's rows not making
+    # whole tiles) cannot be split: then every device runs the whole batch.
+    if any(result.shape[0] % devices for result in jax.tree.leaves(result_shape)):
+      axis = None
+    batch = NamedSharding(mesh, PartitionSpec(axis))
     args = tuple(NamedSharding(mesh, PartitionSpec()) if i in replicated else batch for i in range(len(arg_shapes)))
     return args, jax.tree.map(lambda _: batch, result_shape)
 

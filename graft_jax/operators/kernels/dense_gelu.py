@@ -71,10 +71,17 @@ def gelu_and_derivative(u):
   return u * half, half + 0.5 * u * (1 - t * t) * c * (1 + 3 * a * u * u)
 
 
-def _reference_call(lhs, rhs, side, epilogue: str):
+def column_sums(a, rows: int):
+  """float32 sums of each `rows` rows of a (m, n) (the last group padded with zeros): (ceil(m / rows), n)."""
+  a = jnp.pad(a.astype(_F32), ((0, -a.shape[0] % rows), (0, 0)))
+  return a.reshape(-1, rows, a.shape[1]).sum(axis=1)
+
+
+def _reference_call(lhs, rhs, side, epilogue: str, rows: int = Tiles.rows):
   """An epilogue's XLA composition, with XLA's roundings: what the kernel computes on shapes it does not fit."""
   if epilogue == "times_derivative":
-    return (((lhs @ rhs).astype(_F32) * side.astype(_F32)).astype(lhs.dtype),)
+    product = (lhs @ rhs.T).astype(_F32) * side.astype(_F32)
+    return product.astype(lhs.dtype), column_sums(product, rows)
   if epilogue == "gelu":
     return (reference(lhs, rhs, side),)
   pre = lhs @ rhs + side
@@ -94,9 +101,11 @@ def supported(m: int, k: int, n: int, dtype, tiles: Tiles = Tiles()) -> bool:
 
 def _kernel_call(lhs, rhs, side, tiles: Tiles, num_sms: int, epilogue: str):
   """lhs (m, k) @ rhs (k, n) with `epilogue` applied to each tile; `side` is the bias (n,) or the saved derivative
-  (m, n). Returns a tuple of (m, n) arrays: the GELU (and its derivative), or the product."""
+  (m, n). Returns a tuple: the GELU (and its derivative), (m, n); or for "times_derivative", whose rhs comes as
+  stored, (n, k), lhs @ rhs^T times the derivative and its float32 `column_sums` over each tile's rows."""
   m, k = lhs.shape
-  n = rhs.shape[1]
+  times = epilogue == "times_derivative"
+  n = rhs.shape[0] if times else rhs.shape[1]
   tm, tn, tk = tiles.rows, tiles.cols, tiles.depth
   row_pairs, col_tiles = m // (_CLUSTER * tm), n // (2 * tn)
   item = jnp.dtype(lhs.dtype).itemsize
@@ -104,17 +113,21 @@ def _kernel_call(lhs, rhs, side, tiles: Tiles, num_sms: int, epilogue: str):
   in_transforms = (plgpu.TilingTransform((8, tk)), plgpu.SwizzleTransform(tk * item))
   out_swizzle = plgpu.find_swizzle(tn * item * 8)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // item)), plgpu.SwizzleTransform(out_swizzle))
-  outputs = 2 if epilogue == "gelu_and_derivative" else 1
-  times = epilogue == "times_derivative"
+  # A weight tile: (k, n) blocks, or (n, k) ones that wgmma reads transposed (fc2's kernel as stored, for its input
+  # gradient: XLA would write the transpose out each step).
+  rhs_block, rhs_index = ((2 * tn, tk), lambda s: (0, s)) if times else ((tk, 2 * tn), lambda s: (s, 0))
 
   def pipeline(step, compute):
     return plgpu.emit_pipeline_warp_specialized(
         step, grid=(k // tk,),
         in_specs=[plgpu.BlockSpec((tm, tk), lambda s: (0, s), transforms=in_transforms),
-                  plgpu.BlockSpec((tk, 2 * tn), lambda s: (s, 0), transforms=in_transforms,
-                                  collective_axes=("cluster",))],
+                  plgpu.BlockSpec(rhs_block, rhs_index, transforms=in_transforms, collective_axes=("cluster",))],
         compute_context=compute, max_concurrent_steps=tiles.stages, num_compute_wgs=2, memory_registers=40,
         wg_axis="wg")
+
+  def weight_columns(rhs_gmem, first, width):
+    """The weight's rows or columns that make output columns [first, first + width)."""
+    return rhs_gmem.at[pl.ds(first, width)] if times else rhs_gmem.at[:, pl.ds(first, width)]
 
   def body(lhs_gmem, rhs_gmem, side_gmem, *out_gmems):
     wg = lax.axis_index("wg")
@@ -125,17 +138,30 @@ def _kernel_call(lhs, rhs, side, tiles: Tiles, num_sms: int, epilogue: str):
     # buffer holds each result on its way to a TMA store (and before the product, the derivative's tile).
     @functools.partial(
         pl.run_scoped,
-        stages=pipeline(unused, unused).get_allocations(lhs_gmem.at[pl.ds(0, tm)], rhs_gmem.at[:, pl.ds(0, 2 * tn)]),
+        stages=pipeline(unused, unused).get_allocations(lhs_gmem.at[pl.ds(0, tm)], weight_columns(rhs_gmem, 0, 2 * tn)),
         out_smem=plgpu.SMEM((2, tm, tn), lhs.dtype, transforms=out_transforms),
         bias_smem=plgpu.SMEM((2, tn), lhs.dtype),
+        sums_smem=plgpu.SMEM((2, tn), _F32),
         side_ready=plgpu.Barrier(num_barriers=2),
+        summed=plgpu.Barrier(num_barriers=2),
         collective_axes="wg")
-    def _(stages, out_smem, bias_smem, side_ready):
+    def _(stages, out_smem, bias_smem, sums_smem, side_ready, summed):
       def store(value, out_gmem, rows, cols):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous store has read out_smem
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous stores have read out_smem and sums_smem
         out_smem[wg] = value.astype(out_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, cols])
+
+      def store_column_sums(product, sums_gmem, first_tile: bool):
+        """The tile's column sums. A sum across a warpgroup's warps goes through Mosaic GPU's one scratch buffer,
+        the same for both compute warpgroups, so they take turns: 0 (after 1's previous turn), then 1."""
+        pl.when(wg == 1)(lambda: plgpu.barrier_wait(summed.at[0]))
+        pl.when((wg == 0) & ~first_tile)(lambda: plgpu.barrier_wait(summed.at[1]))
+        sums = product.sum(axis=0)
+        plgpu.barrier_arrive(summed.at[wg])
+        sums_smem[wg] = sums  # after `store`'s wait: the previous tile's sums have left
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sums_smem.at[wg], sums_gmem)
 
       @plgpu.nd_loop((row_pairs, col_tiles), collective_axes="clusters")
       def _(tile):
@@ -157,7 +183,9 @@ def _kernel_call(lhs, rhs, side, tiles: Tiles, num_sms: int, epilogue: str):
             if times:
               # Each thread reads the derivative's elements it then overwrites with its own products.
               derivative = plgpu.load(out_smem.at[wg], (), layout=plgpu.Layout.WGMMA).astype(_F32)
-              store(acc[...] * derivative, out_gmems[0], rows, cols)
+              product = acc[...] * derivative
+              store(product, out_gmems[0], rows, cols)
+              store_column_sums(product, out_gmems[1].at[i, cols], tile.local_index == 0)
               return
             b = plgpu.load(bias_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0)).astype(_F32)
             pre = acc[...] + lax.broadcast_in_dim(b, (tm, tn), (1,))
@@ -169,26 +197,30 @@ def _kernel_call(lhs, rhs, side, tiles: Tiles, num_sms: int, epilogue: str):
             store(gelu, out_gmems[0], rows, cols)
 
         def step(_, lhs_smem, rhs_smem, acc):
-          plgpu.wgmma(acc, lhs_smem, rhs_smem.at[:, half])
+          weights = plgpu.transpose_ref(rhs_smem.at[half], (1, 0)) if times else rhs_smem.at[:, half]
+          plgpu.wgmma(acc, lhs_smem, weights)
           plgpu.wgmma_wait(0)
           return acc
 
-        pipeline(step, compute)(lhs_gmem.at[rows], rhs_gmem.at[:, pl.ds(j * 2 * tn, 2 * tn)], allocations=stages)
+        pipeline(step, compute)(lhs_gmem.at[rows], weight_columns(rhs_gmem, j * 2 * tn, 2 * tn), allocations=stages)
 
     plgpu.wait_smem_to_gmem(0)
 
   out = jax.ShapeDtypeStruct((m, n), lhs.dtype)
+  out_type = {"gelu": (out,), "gelu_and_derivative": (out, out),
+              "times_derivative": (out, jax.ShapeDtypeStruct((m // tm, n), _F32))}[epilogue]
   return plgpu.kernel(
-      body, out_type=(out,) * outputs, grid=(num_sms // _CLUSTER,), grid_names=("clusters",),
+      body, out_type=out_type, grid=(num_sms // _CLUSTER,), grid_names=("clusters",),
       cluster=(_CLUSTER,), cluster_names=("cluster",), num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))(lhs, rhs, side)
 
 
 def matmul_epilogue(lhs, rhs, side, epilogue: str, *, tiles: Tiles = Tiles(), num_sms: int | None = None):
-  """lhs (m, k) @ rhs (k, n) with an `EPILOGUES` entry applied to each tile, as a tuple of (m, n) arrays: the GELU
-  (and its derivative), or the product with a saved derivative; `side` is the bias (n,) or that derivative (m, n).
-  16-bit operands on shapes that `fit` take the kernel (Hopper GPUs only; `num_sms` persistent CTAs, default the
-  device's SM count), others XLA's composition.
+  """lhs (m, k) @ rhs (k, n) with an `EPILOGUES` entry applied to each tile, as a tuple: the GELU (and its
+  derivative), (m, n), with `side` the bias (n,); or for "times_derivative", with rhs (n, k) as stored and `side`
+  the saved derivative (m, n), lhs @ rhs^T times the derivative and its float32 `column_sums` over each
+  `tiles.rows` rows. 16-bit operands on shapes that `fit` take the kernel (Hopper GPUs only; `num_sms` persistent
+  CTAs, default the device's SM count), others XLA's composition.
 
   Under a sharded jit the kernel runs on each device's rows (the weights whole on every device; a saved derivative's
   rows sharded like lhs's). A shard whose rows do not fill whole tiles takes the composition: `supported` saw only
@@ -196,9 +228,10 @@ def matmul_epilogue(lhs, rhs, side, epilogue: str, *, tiles: Tiles = Tiles(), nu
   num_sms = num_sms or sm_count()
 
   def call(lhs, rhs, side):
-    if fits(*lhs.shape, rhs.shape[1], lhs.dtype, tiles):
+    n = rhs.shape[0] if epilogue == "times_derivative" else rhs.shape[1]
+    if fits(*lhs.shape, n, lhs.dtype, tiles):
       return _kernel_call(lhs, rhs, side, tiles, num_sms, epilogue)
-    return _reference_call(lhs, rhs, side, epilogue)
+    return _reference_call(lhs, rhs, side, epilogue, tiles.rows)
   return batch_partitioned(call, replicated=(1,) if epilogue == "times_derivative" else (1, 2))(lhs, rhs, side)
 
 
@@ -214,8 +247,9 @@ def mlp(x, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, tiles: Tiles = Tiles()
   Undifferentiated, the forward kernel writes the GELU and XLA's cuBLAS call applies fc2. Differentiated, the
   forward kernel also writes the GELU's derivative gelu'(u) at fc1's pre-activation u; remat's elementwise policy
   keeps it and the GELU (`kept`), as it keeps fc1's matmul output and the GELU on XLA's path, and fc2's matmul
-  output as ever. The backward's fc2 input-gradient kernel writes du = (dy @ fc2^T) * gelu'(u); XLA's matmuls and
-  column sums do the rest.
+  output as ever. The backward's fc2 input-gradient kernel reads fc2's kernel as stored and writes
+  du = (dy @ fc2^T) * gelu'(u) and the column sums of each tile's rows, which add up to fc1's bias gradient; XLA's
+  matmuls and fc2's bias gradient (a column sum of dy) do the rest.
   """
   kernel = lambda epilogue: functools.partial(matmul_epilogue, epilogue=epilogue, tiles=tiles, num_sms=num_sms)
   lead, width = x.shape[:-1], x.shape[-1]
@@ -231,8 +265,8 @@ def mlp(x, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, tiles: Tiles = Tiles()
 
   def backward_rule(residuals, dy):
     x, fc1_kernel, fc2_kernel, h, derivative = residuals
-    (du,) = kernel("times_derivative")(dy, fc2_kernel.T, derivative)
-    return du @ fc1_kernel.T, x.T @ du, _column_sum(du), h.T @ dy, _column_sum(dy)
+    du, du_sums = kernel("times_derivative")(dy, fc2_kernel, derivative)
+    return du @ fc1_kernel.T, x.T @ du, du_sums.sum(axis=0).astype(du.dtype), h.T @ dy, _column_sum(dy)
 
   call.defvjp(forward_rule, backward_rule)
   return call(x.reshape(-1, width), fc1_kernel, fc1_bias, fc2_kernel, fc2_bias).reshape(*lead, fc2_kernel.shape[1])

@@ -43,7 +43,7 @@ _F32 = jnp.float32
 BLOCK_T = 8  # tokens (rows) a program of the forward, and a step of the backward's loop
 CHUNK = 128  # channels a load: Triton's blocks are powers of two, the width need not be
 WARPS = 8  # forward and backward: both sweeps on an H200 chose 8
-BACKWARD_STEPS = 8  # row blocks a backward program walks: fewer, larger partial sums for shift and scale
+BACKWARD_STEPS = 16  # row blocks a backward program walks: fewer, larger partial sums for shift and scale
 
 
 def fits(tokens: int, width: int) -> bool:
@@ -107,8 +107,10 @@ def _forward(x, shift, scale, eps: float, interpret: bool, stats: bool = False):
   return batch_partitioned(call)(x, shift[:, None], scale[:, None])
 
 
-def _backward_rows(dy_ref, x_ref, scale_ref, mean_ref, inv_ref, dx_ref, dshift_ref, dscale_ref, *, steps: int):
-  """x's gradient for `steps` blocks of BLOCK_T rows, and the sums over those rows of shift's and scale's."""
+def _backward_rows(dy_ref, dres_ref, x_ref, scale_ref, mean_ref, inv_ref, dx_ref, dshift_ref, dscale_ref, *,
+                   steps: int):
+  """x's gradient (the norm's plus the residual stream's, dres) for `steps` blocks of BLOCK_T rows, and the sums
+  over those rows of shift's and scale's."""
   rounded = _rounding(dx_ref.dtype)
   width = x_ref.shape[1]
   chunks = _chunks(width)
@@ -119,12 +121,14 @@ def _backward_rows(dy_ref, x_ref, scale_ref, mean_ref, inv_ref, dx_ref, dshift_r
     mean, inv = mean_ref[rows][:, None], inv_ref[rows][:, None]
     dys = [dy_ref[rows, cols].astype(_F32) for cols in chunks]
     xhats = [(x_ref[rows, cols].astype(_F32) - mean) * inv for cols in chunks]
+    dress = [dres_ref[rows, cols] for cols in chunks]  # loaded with the others, so their latencies overlap
     # The normalised row's gradient, rounded as the composition's is; then LayerNorm's backward in float32.
     grads = [rounded(dy * gain) for dy, gain in zip(dys, gains)]
     mean_g = sum(jnp.sum(g, axis=1) for g in grads)[:, None] / width
     mean_gx = sum(jnp.sum(g * xhat, axis=1) for g, xhat in zip(grads, xhats))[:, None] / width
-    for cols, g, xhat in zip(chunks, grads, xhats):
-      dx_ref[rows, cols] = (inv * (g - mean_g - xhat * mean_gx)).astype(dx_ref.dtype)
+    for cols, g, xhat, dres in zip(chunks, grads, xhats, dress):
+      dx = inv * (g - mean_g - xhat * mean_gx) + dres.astype(_F32)
+      dx_ref[rows, cols] = dx.astype(dx_ref.dtype)
     # Shift's and scale's sums stay (BLOCK_T, CHUNK) tiles until the last step: summing over rows at every step
     # would cost a reduction across warps each time.
     dshift, dscale = sums
@@ -137,9 +141,10 @@ def _backward_rows(dy_ref, x_ref, scale_ref, mean_ref, inv_ref, dx_ref, dshift_r
     dshift_ref[cols], dscale_ref[cols] = jnp.sum(a, axis=0), jnp.sum(b, axis=0)
 
 
-def _backward(dy, x, scale, mean, inv, interpret: bool):
-  """(x's gradient, per-sample partial sums (B, P, D) float32 of shift's and of scale's gradients)."""
-  def call(dy, x, scale, mean, inv):
+def _backward(dy, dres, x, scale, mean, inv, interpret: bool):
+  """(x's gradient, the norm's plus dres, per-sample partial sums (B, P, D) float32 of shift's and of scale's
+  gradients)."""
+  def call(dy, dres, x, scale, mean, inv):
     batch, tokens, width = x.shape
     steps = math.gcd(tokens // BLOCK_T, BACKWARD_STEPS)
     span = steps * BLOCK_T
@@ -149,32 +154,34 @@ def _backward(dy, x, scale, mean, inv, interpret: bool):
     return pl.pallas_call(
         functools.partial(_backward_rows, steps=steps),
         grid=(batch, tokens // span),
-        in_specs=[rows, rows, sample, row_stats, row_stats],
+        in_specs=[rows, rows, rows, sample, row_stats, row_stats],
         out_specs=(rows, partial, partial),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), partials, partials),
         compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
         interpret=interpret,
-    )(dy, x, scale, mean, inv)
-  return batch_partitioned(call)(dy, x, scale[:, None], mean, inv)
+    )(dy, dres, x, scale, mean, inv)
+  return batch_partitioned(call)(dy, dres, x, scale[:, None], mean, inv)
 
 
 def norm_modulate(x, shift, scale, reference, *, eps: float = 1e-6, kernel_forward: bool = True,
                   interpret: bool | None = None):
-  """LN(x) * (1 + scale) + shift for x (B, N, D) and per-sample shift, scale (B, D) of x's dtype (shapes as `fits`
-  says), through the kernels; `reference` is the composition, which an undifferentiated call runs instead when
-  `kernel_forward` is False. Off GPU (interpret None means "not on a GPU") the kernels run in Pallas interpret
+  """(LN(x) * (1 + scale) + shift, x) for x (B, N, D) and per-sample shift, scale (B, D) of x's dtype (shapes as
+  `fits` says), through the kernels; `reference` is the composition, which an undifferentiated call runs instead
+  when `kernel_forward` is False. x comes back so that the residual stream can take it from here: its gradient
+  there then joins the norm's inside the backward kernel, where XLA would add the two in a pass of its own (an
+  unused x's gradient is zeros). Off GPU (interpret None means "not on a GPU") the kernels run in Pallas interpret
   mode, for the tests."""
   interpret = jax.default_backend() != "gpu" if interpret is None else interpret
   forward = functools.partial(_forward, eps=eps, interpret=interpret)
-  call = jax.custom_vjp(lambda x, shift, scale: (forward if kernel_forward else reference)(x, shift, scale))
+  call = jax.custom_vjp(lambda x, shift, scale: ((forward if kernel_forward else reference)(x, shift, scale), x))
 
   def forward_rule(x, shift, scale):
     y, mean, inv = forward(x, shift, scale, stats=True)
-    return y, (x, scale, kept(mean), kept(inv))
+    return (y, x), (x, scale, kept(mean), kept(inv))
 
-  def backward_rule(residuals, dy):
+  def backward_rule(residuals, cotangents):
     x, scale, mean, inv = residuals
-    dx, dshift, dscale = _backward(dy, x, scale, mean, inv, interpret)
+    dx, dshift, dscale = _backward(*cotangents, x, scale, mean, inv, interpret)
     return dx, dshift.sum(1).astype(x.dtype), dscale.sum(1).astype(scale.dtype)
 
   call.defvjp(forward_rule, backward_rule)

@@ -28,8 +28,7 @@ class MLP(nn.Module):
   `supported` (Hopper GPUs), "xla" never."""
   dim: int
   ratio: float = 4.0
-  # One of GELU_KERNELS (the kernels' whole-model effect: benchmarks/results/dit_xl2.json, dit_xl2_train.json and
-  # pixart.json).
+  # One of GELU_KERNELS (the kernels' whole-model effect: benchmarks/results/dit_xl2.json and pixart.json).
   gelu_kernel: str = "auto"
 
   @nn.compact

@@ -53,8 +53,9 @@ def batch_partitioned(fn: Callable, replicated: tuple[int, ...] = ()) -> Callabl
   Every operand but those at `replicated` (weights) and every result of fn has the batch on axis 0, and fn maps
   batch entries independently. A Pallas call has no sharding rule of its own, so under a sharded jit XLA would
   gather its operands and run the whole batch on every device; this keeps the batch axis sharded as the first
-  batched operand's is (replicating the other axes and the `replicated` operands) and calls fn on the shards. On
-  one device fn is simply inlined.
+  batched operand's is (replicating the other axes and the `replicated` operands) and calls fn on the shards,
+  unless a result's rows do not split evenly over those devices (a row per tile of rows, say): then every device
+  runs the whole batch. On one device fn is simply inlined.
   """
   op = custom_partitioning(fn)
 
@@ -62,8 +63,7 @@ def batch_partitioned(fn: Callable, replicated: tuple[int, ...] = ()) -> Callabl
     spec = next(shape.sharding.spec for i, shape in enumerate(arg_shapes) if i not in replicated)
     axis = spec[0] if len(spec) else None
     devices = math.prod(mesh.shape[name] for name in jax.tree.leaves(axis))
-    # A result with fewer rows per device than whole (e.g. one row per tile of rows, a device's rows not making
-    # whole tiles) cannot be split: then every device runs the whole batch.
+    # A result with fewer rows than whole per device cannot be split: then every device runs the whole batch.
     if any(result.shape[0] % devices for result in jax.tree.leaves(result_shape)):
       axis = None
     batch = NamedSharding(mesh, PartitionSpec(axis))

@@ -236,10 +236,6 @@ def matmul_epilogue(lhs, rhs, side, epilogue: str, *, tiles: Tiles = Tiles(), nu
   return batch_partitioned(call, replicated=(1,) if epilogue == "times_derivative" else (1, 2))(lhs, rhs, side)
 
 
-def _column_sum(a):
-  return jnp.sum(a, axis=0, dtype=_F32).astype(a.dtype)
-
-
 def mlp(x, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, tiles: Tiles = Tiles(), num_sms: int | None = None):
   """fc2(gelu_tanh(fc1(x))) for x (..., width) and the Linears' kernels (in, out) and biases of one 16-bit dtype,
   fc1's shape as `fits` says; it compiles only for a Hopper GPU (`supported`). `num_sms` (persistent CTAs) defaults
@@ -267,7 +263,8 @@ def mlp(x, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, *, tiles: Tiles = Tiles()
   def backward_rule(residuals, dy):
     x, fc1_kernel, fc2_kernel, h, derivative = residuals
     du, du_sums = kernel("times_derivative")(dy, fc2_kernel, derivative)
-    return du @ fc1_kernel.T, x.T @ du, du_sums.sum(axis=0).astype(du.dtype), h.T @ dy, _column_sum(dy)
+    fc2_bias_grad = column_sums(dy, dy.shape[0])[0]
+    return du @ fc1_kernel.T, x.T @ du, du_sums.sum(axis=0).astype(du.dtype), h.T @ dy, fc2_bias_grad.astype(dy.dtype)
 
   call.defvjp(forward_rule, backward_rule)
   return call(x.reshape(-1, width), fc1_kernel, fc1_bias, fc2_kernel, fc2_bias).reshape(*lead, fc2_kernel.shape[1])

@@ -1,7 +1,6 @@
 """Stage-2 fine-tuning: loss terms, schedule, EMA, LoRA, teacher loss, sharded vs one device, resume, NaN guard."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -173,8 +172,6 @@ def test_loss_decreases_and_metrics_are_written(dit, arrays, tmp_path):
   assert rows[-1]["eta_seconds"] == 0
   assert result["step"] == 30
   assert max_abs_diff(result["ema"], result["params"]) > 0
-  events = list((tmp_path / "finetune" / "metrics").glob("events.out.tfevents.*"))
-  assert bool(events) == (importlib.util.find_spec("tensorboard") is not None)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """configs/*.py and the main job: every paper configuration builds a valid plan; a shrunk one runs end to end."""
+import importlib.util
 import json
 
 import pytest
@@ -64,6 +65,10 @@ def test_shrunk_experiment_runs_end_to_end_and_resumes(tmp_path):
   run = tmp_path / "run"
   for name in ("graft_summary.md", "stage1/results.json", "student/config.json", "samples.png", "samples.npz"):
     assert (run / name).exists(), name
+  for stage in ("distill", "finetune"):  # TensorBoard events beside metrics.jsonl, where tensorboard is installed
+    events = list((run / stage / "metrics").glob("events.out.tfevents.*"))
+    assert (run / stage / "metrics" / "metrics.jsonl").exists()
+    assert bool(events) == (importlib.util.find_spec("tensorboard") is not None), stage
   errors = json.loads((run / "stages" / "distill.json").read_text())["heldout_relative_error"]
   assert set(errors) == {"blocks_1/attn", "blocks_3/attn"}
   student = json.loads((run / "student" / "config.json").read_text())

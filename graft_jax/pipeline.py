@@ -23,9 +23,10 @@ from graft_jax import checkpoints, graft, hosts
 from graft_jax.data.arrays import host_iterator
 from graft_jax.data.images import save_grid, to_uint8
 from graft_jax.models import DiT, dit_config, init_params
-from graft_jax.models.config import COMPUTE_DTYPES, PixArtConfig, pixart_config
+from graft_jax.models.config import PixArtConfig, check_compute_dtype, pixart_config
 from graft_jax.models.pixart import PixArt, init_params as pixart_init_params
-from graft_jax.sample import generate, make_sampler, sample_labels, save_npz, shard_over
+from graft_jax.sample import (check_config as check_sample, generate, make_sampler, sample_labels, save_npz,
+                              shard_over)
 from graft_jax.train import conditioning, distill, finetune, partition
 
 
@@ -224,16 +225,34 @@ def stage_registry() -> dict:
   return {**STAGES, **demo.STAGES, **benchmark.STAGES, **analysis.STAGES, **job.STAGES, **pixart_stages.STAGES}
 
 
+def check_sections(config) -> None:
+  """The settings of every listed stage that trains or samples, before the first stage runs: a typo in the last
+  stage's section fails at once, not after hours of the stages before it. One sentence naming the section."""
+  trainers = {"distill": distill.check_config, "finetune": finetune.check_config,
+              "teacher": finetune.check_config}  # the demo's teacher trains as a fine-tuning run does
+  for name in config.stages:
+    section = config.get(name)
+    if section is None:
+      continue
+    try:
+      if name in trainers:
+        trainers[name](section)
+        partition.check_batch(partition.make_mesh(section.mesh), section.batch_size)
+      elif name == "sample" and not is_pixart(config):
+        check_sample(section)
+      elif name in ("sample", "synthesize"):  # PixArt's: prompts in, images out; pixart_stages checks its files
+        check_compute_dtype(section.get("compute_dtype", "float32"))
+    except ValueError as e:
+      raise UserError(f"{name}: {e}") from None
+
+
 def run(config, workdir) -> None:
   workdir = pathlib.Path(workdir)
   stages = stage_registry()
   unknown = [s for s in config.stages if s not in stages]
   if unknown:
     raise UserError(f"unknown stage(s) {unknown}; known stages are {sorted(stages)}.")
-  for name in ("sample", "synthesize"):
-    dtype = (config.get(name) or {}).get("compute_dtype", "float32")
-    if dtype not in COMPUTE_DTYPES:
-      raise UserError(f"{name}.compute_dtype {dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}.")
+  check_sections(config)
   # With several processes only process 0 writes files (see graft_jax.hosts); all of them run every stage.
   writer = hosts.is_writer()
   if config.graft:  # a bad plan or a missing teacher fails here, before any weight is loaded or step taken

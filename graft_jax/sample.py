@@ -9,8 +9,9 @@ import numpy as np
 
 from graft_jax.diffusion import cfg_model_fn, make_diffusion
 from graft_jax.files import write_atomic
+from graft_jax.models.config import check_compute_dtype
 from graft_jax.train import partition
-from graft_jax.train.state import cast_floating
+from graft_jax.train.state import cast_floating, require
 
 
 def sample_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -25,13 +26,33 @@ def at_compute_dtype(apply_fn, params, dtype):
   return lambda x, *rest: apply_fn(params, x.astype(dtype), *cast_floating(rest, dtype)).astype(jnp.float32)
 
 
+SAMPLERS = ("ddpm", "ddim")
+
+
+def respaced(sampler: str, steps: int, learn_sigma: bool = True):
+  """The diffusion `sampler` walks: `steps` of DiT's 1000, respaced as ADM does for "ddpm" or by a stride for
+  "ddim"; a ValueError of one sentence for another sampler or a count the 1000 steps cannot be respaced to."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+  return make_diffusion(1000, f"ddim{steps}" if sampler == "ddim" else steps,
+                        "learned_range" if learn_sigma else "fixed_small")
+
+
+def check_config(s) -> None:
+  """A class-conditional sample section's settings (sampler, steps, per_class, batch_size, compute_dtype): a
+  ValueError of one sentence for the first out of range, which the pipeline raises before any stage runs."""
+  for name in ("steps", "per_class", "batch_size"):
+    require(s, name, lambda v: v >= 1, "a positive integer")
+  respaced(s.sampler, s.steps)
+  check_compute_dtype(s.get("compute_dtype", "float32"))
+
+
 def make_sampler(model, sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 1.5,
                  guided_channels: int | None = 3, eta: float = 0.0, compute_dtype: str = "float32"):
   """A jitted fn(params, labels, key) -> samples (NHWC), sampling `steps` respaced steps ("ddpm") or DDIM steps;
   the model runs in `compute_dtype` (float32 by default, what DiT's FID numbers were sampled with)."""
   cfg = model.config
-  diffusion = make_diffusion(1000, f"ddim{steps}" if sampler == "ddim" else steps,
-                             "learned_range" if cfg.learn_sigma else "fixed_small")
+  diffusion = respaced(sampler, steps, cfg.learn_sigma)
   shape_hw = (cfg.input_size, cfg.input_size, cfg.in_channels)
 
   @jax.jit

@@ -392,11 +392,15 @@ def test_array_iterator_order_and_position():
 def test_errors_a_user_can_act_on(dit, arrays, tmp_path):
   model, params = dit
   with pytest.raises(ValueError, match="finetune loss 'l1' is unknown"):
-    finetune.check_config(config(loss="l1"), None)
-  with pytest.raises(ValueError, match="needs the teacher"):
-    finetune.check_config(config(loss="diffusion+teacher"), None)
+    finetune.check_config(config(loss="l1"))
   with pytest.raises(ValueError, match="compute_dtype 'float16' is unknown"):
-    finetune.check_config(config(compute_dtype="float16"), None)
+    finetune.check_config(config(compute_dtype="float16"))
+  with pytest.raises(ValueError, match=r"^log_every must be a positive integer, got 0\.$"):
+    finetune.check_config(config(log_every=0))  # would divide by zero at the first step
+  with pytest.raises(ValueError, match=r"^lr must be 0 or more, got -0\.001\.$"):
+    finetune.check_config(config(lr=-1e-3))
+  with pytest.raises(ValueError, match="needs the teacher"):
+    finetune.run_finetune(config(loss="diffusion+teacher"), model, params, ArrayIterator(arrays, BATCH), tmp_path)
   with pytest.raises(ValueError, match=r"lora_targets \['attn/nothing'\] match no Dense kernel"):
     train_state.lora_targets(params, ["attn/nothing"])
   with pytest.raises(ValueError, match="batch size 6 is not divisible by the 8 devices"):

@@ -1,13 +1,14 @@
 """configs/*.py and the main job: every paper configuration builds a valid plan; a shrunk one runs end to end."""
 import importlib.util
 import json
+import re
 
 import pytest
 
 from cli import ROOT, load_config, run_main
 import jax
 
-from graft_jax import checkpoints, graft
+from graft_jax import checkpoints, graft, pipeline
 from graft_jax.models import dit_config, init_params
 from graft_jax.pipeline import UserError, load_teacher, teacher_config
 
@@ -46,6 +47,30 @@ def test_model_remat_applies_to_a_converted_teacher(tmp_path):
   c.model.remat = "some"
   with pytest.raises(UserError, match="^model remat 'some' is not one of none, elementwise, dots, full.$"):
     teacher_config(c)
+
+
+@pytest.mark.parametrize("config_name, field, value, message", [
+    ("dit_xl2_hyena_x", "finetune.loss", "bogus", "finetune: finetune loss 'bogus' is unknown"),
+    ("dit_xl2_hyena_x", "finetune.log_every", 0, "finetune: log_every must be a positive integer, got 0."),
+    ("dit_xl2_hyena_x", "finetune.ema_decay", 1.5, "finetune: ema_decay must be between 0 and 1, got 1.5."),
+    ("dit_xl2_hyena_x", "finetune.compute_dtype", "fp8", "finetune: compute_dtype 'fp8' is unknown"),
+    ("dit_xl2_hyena_x", "distill.loss.attn", "l3", "distill: stage-1 loss.attn must be one of"),
+    ("dit_xl2_hyena_x", "distill.schedule", "cosine", "distill: stage-1 schedule must be 'paper' or 'released'"),
+    ("dit_xl2_hyena_x", "distill.batch_size", 12, "distill: batch size 12 is not divisible by the 8 devices"),
+    ("dit_xl2_hyena_x", "distill.mesh.fsdp", 3, "distill: mesh sizes"),
+    ("dit_xl2_hyena_x", "sample.sampler", "euler", "sample: sampler must be one of ('ddpm', 'ddim'), got 'euler'."),
+    ("dit_xl2_hyena_x", "sample.steps", 300, "sample: no integer stride takes exactly 300 steps out of 1000"),
+    ("dit_xl2_hyena_x", "sample.per_class", 0, "sample: per_class must be a positive integer, got 0."),
+    ("demo", "teacher.checkpoint_every", -1, "teacher: checkpoint_every must be a positive integer, got -1."),
+])
+def test_bad_settings_fail_before_any_stage_runs(tmp_path, config_name, field, value, message):
+  """Whichever stage's section holds the mistake, it is one sentence naming the section, before anything is
+  written (in process: the 8 fake devices of conftest.py)."""
+  c = load_config(config_name, "shrink=1")
+  c.update_from_flattened_dict({field: value})
+  with pytest.raises(pipeline.UserError, match=re.escape(message)):
+    pipeline.run(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def main(*args, cwd):

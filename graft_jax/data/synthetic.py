@@ -15,10 +15,9 @@ import jax
 
 from graft_jax.data.latents import DataError, ShardWriter, reuse_cache, tree_digest
 from graft_jax.models.vae import SD_SCALING_FACTOR
-from graft_jax.sample import generate, make_sampler, sample_labels, shard_over
+from graft_jax.sample import SAMPLERS, generate, make_sampler, sample_labels, shard_over
 from graft_jax.train import partition
 
-SAMPLERS = ("ddpm", "ddim")
 # DiT's latents come from the SD VAE, whose encoder downsamples by 8.
 VAE_DOWNSAMPLING = 8
 

@@ -84,6 +84,12 @@ Layer = LayerSpec | ParallelPairSpec
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 
+def check_compute_dtype(dtype: str) -> None:
+  """A ValueError of one sentence unless `dtype` is one of COMPUTE_DTYPES."""
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype {dtype!r} is unknown; use one of {', '.join(COMPUTE_DTYPES)}.")
+
+
 def layer_from_json(d: Mapping[str, Any]) -> Layer:
   """A plain block's JSON has no "kind" (the format older exports use); a pair's says "parallel_pair"."""
   kind = d.get("kind", "block")

@@ -27,7 +27,7 @@ import optax
 
 from graft_jax import hosts
 from graft_jax.diffusion import make_diffusion
-from graft_jax.models.config import DiTConfig
+from graft_jax.models.config import DiTConfig, check_compute_dtype
 from graft_jax.models.dit import PAIR, DiT, ParallelPair, capture
 from graft_jax.train import conditioning, metrics, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=64, schedule="paper", lr=1e-4, warmup_steps=0, grad_clip=0.0, weight_decay=0.0, lr_milestones=(),
       loss=dict(attn="l1", mlp="l2", pair="l1"), huber_delta=1.0, regress_gated=False,
       ema_decay=0.0, compute_dtype="float32", seed=0, mesh=dict(data=-1, fsdp=1), fsdp_min_size=2**14,
-      log_every=50, eval_every=500, eval_batches=4, checkpoint_every=1000))
+      log_every=50, checkpoint_every=1000))
 
 
 def resolve_schedule(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
@@ -59,6 +59,21 @@ def resolve_schedule(config, steps_per_epoch: int) -> ml_collections.ConfigDict:
   if c.steps <= 0:
     c.steps = c.epochs * steps_per_epoch
   return c
+
+
+def check_config(config) -> None:
+  """A ValueError of one sentence for a setting out of range: run_distill's first step (on the resolved config),
+  and the pipeline's for a listed stage before any stage runs (on the config as written)."""
+  train_state.require(config, "steps", lambda v: v >= 0, "0 (use epochs) or more")
+  if config.steps == 0:
+    train_state.require(config, "epochs", lambda v: v >= 1, "a positive integer")
+  resolve_schedule(config, 1)  # its schedule names
+  for site, kind in config.loss.items():
+    if kind not in LOSSES:
+      raise ValueError(f"stage-1 loss.{site} must be one of {LOSSES}, got {kind!r}.")
+  train_state.require(config, "huber_delta", lambda v: v > 0, "positive")
+  check_compute_dtype(config.compute_dtype)
+  train_state.check_numbers(config)
 
 
 def site_loss(pred: jax.Array, target: jax.Array, kind: str, delta: float = 1.0) -> jax.Array:
@@ -182,6 +197,7 @@ def run_distill(config, teacher: DiT, teacher_params, student: DiTConfig, studen
   teacher); `heldout` a list of such batches.
   Returns (scions, {site: held-out relative error}), and writes metrics under workdir. `mesh` defaults to the
   one config.mesh describes over all devices."""
+  check_config(config)
   workdir = pathlib.Path(workdir)
   mesh = partition.make_mesh(config.mesh) if mesh is None else mesh
   partition.check_batch(mesh, config.batch_size)

@@ -20,13 +20,13 @@ from absl import logging
 from jax.sharding import Mesh
 
 from graft_jax.diffusion import Diffusion, ModelFn, make_diffusion
-from graft_jax.models.config import COMPUTE_DTYPES
+from graft_jax.models.config import check_compute_dtype
 from graft_jax.train import conditioning, partition
 from graft_jax.train.checkpoint import Checkpointer
 from graft_jax.train.metrics import DataSource, Reporter, train_loop
-from graft_jax.train.state import (State, apply_gradients, cast_floating, create_or_restore, export_params,
-                                   lora_scale, lr_schedule, make_optimizer, model_params, state_shardings,
-                                   trainable)
+from graft_jax.train.state import (State, apply_gradients, cast_floating, check_numbers, create_or_restore,
+                                   export_params, lora_scale, lr_schedule, make_optimizer, model_params, require,
+                                   state_shardings, trainable)
 
 LOSSES = ("diffusion", "teacher", "diffusion+teacher")
 
@@ -57,13 +57,16 @@ def default_config() -> ml_collections.ConfigDict:
   })
 
 
-def check_config(config, teacher: Any) -> None:
+def check_config(config) -> None:
+  """A ValueError of one sentence for a setting out of range: run_finetune's first step, and the pipeline's for a
+  listed stage before any stage runs."""
   if config.loss not in LOSSES:
     raise ValueError(f"finetune loss {config.loss!r} is unknown; use one of {LOSSES}.")
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"compute_dtype {config.compute_dtype!r} is unknown; use one of {COMPUTE_DTYPES}.")
-  if "teacher" in config.loss and teacher is None:
-    raise ValueError(f"finetune loss {config.loss!r} needs the teacher: pass teacher=(model, params).")
+  check_compute_dtype(config.compute_dtype)
+  for name in ("steps", "keep_checkpoints"):
+    require(config, name, lambda v: v >= 1, "a positive integer")
+  require(config, "lora_rank", lambda v: v >= 0, "0 (off) or more")
+  check_numbers(config)
 
 
 def diffusion_for(model: nn.Module) -> Diffusion:
@@ -152,8 +155,10 @@ def run_finetune(config, model: nn.Module, params: Any, data: DataSource, workdi
   (model, params), needed by the teacher loss. Metrics go to <workdir>/finetune/metrics. Returns {"params", "ema"}
   (float32, LoRA merged), "step" and the raw train "state".
   """
-  check_config(config, teacher)
+  check_config(config)
   uses_teacher = "teacher" in config.loss
+  if uses_teacher and teacher is None:
+    raise ValueError(f"finetune loss {config.loss!r} needs the teacher: pass teacher=(model, params).")
   if teacher is not None and not uses_teacher:
     logging.warning("finetune loss is %r: the teacher given is not used.", config.loss)
   mesh = partition.make_mesh(config.mesh) if mesh is None else mesh

@@ -44,6 +44,23 @@ def lr_schedule(config) -> optax.Schedule:
   return schedule
 
 
+def require(config, name: str, ok: Callable[[Any], bool], what: str) -> None:
+  """A ValueError of one sentence unless config[name] is a number for which ok(value) holds."""
+  value = config[name]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    raise ValueError(f"{name} must be {what}, got {value!r}.")
+
+
+def check_numbers(config) -> None:
+  """The fields both trainers read, in range: otherwise one sentence before the run starts, rather than a
+  ZeroDivisionError at the first log step (log_every 0, say)."""
+  for name in ("batch_size", "log_every", "checkpoint_every"):
+    require(config, name, lambda v: v >= 1, "a positive integer")
+  for name in ("lr", "warmup_steps", "weight_decay"):
+    require(config, name, lambda v: v >= 0, "0 or more")
+  require(config, "ema_decay", lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """AdamW (torch's defaults but config's weight decay) after global-norm clipping (off when grad_clip <= 0)."""
   clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []

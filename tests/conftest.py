@@ -2,8 +2,6 @@
 import os
 import sys
 
-import pytest
-
 # torch's CUDA build brings triton, whose extension bundles its own LLVM; imported (by diffusers, through
 # torch._dynamo) into a process where jaxlib's LLVM is already loaded, it can segfault. The suite runs on CPU, where
 # torch never needs triton, and torch treats a missing triton as "no triton".
@@ -17,13 +15,3 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-@pytest.fixture(autouse=True)
-def _no_tensorboard_in_process(monkeypatch):
-  """In-process trainers write metrics.jsonl and the log but no TensorBoard events, so TensorFlow never loads into a
-  pytest worker, which by then holds torch and jaxlib too: CI saw such a worker die of a fatal signal in a distill run
-  (2026-11-30). The command-line tests (tests/test_pipeline.py), processes of their own as users run them, check the
-  events."""
-  from graft_jax.train import metrics
-  monkeypatch.setattr(metrics, "summary_writer", lambda logdir: None)

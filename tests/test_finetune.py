@@ -1,6 +1,8 @@
-"""Stage-2 fine-tuning: loss terms, schedule, EMA, LoRA, teacher loss, sharded vs one device, resume, NaN guard."""
+"""Stage-2 fine-tuning: loss terms, schedule, EMA, LoRA, teacher loss, sharded vs one device, resume, NaN guard;
+the trainers' loop runs a bounded number of steps ahead of the device."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -18,6 +20,7 @@ from graft_jax.models import DiT, dit_config
 from graft_jax.operators.init import LinearWeights
 from graft_jax.train import finetune, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
+from graft_jax.train import metrics
 from graft_jax.train.metrics import NonFiniteError
 
 BATCH = 8
@@ -172,6 +175,8 @@ def test_loss_decreases_and_metrics_are_written(dit, arrays, tmp_path):
   assert rows[-1]["eta_seconds"] == 0
   assert result["step"] == 30
   assert max_abs_diff(result["ema"], result["params"]) > 0
+  events = list((tmp_path / "finetune" / "metrics").glob("events.out.tfevents.*"))
+  assert bool(events) == (importlib.util.find_spec("tensorboard") is not None)
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +411,36 @@ def test_errors_a_user_can_act_on(dit, arrays, tmp_path):
   with pytest.raises(ValueError, match="batch size 6 is not divisible by the 8 devices"):
     finetune.run_finetune(config(batch_size=6), model, params, ArrayIterator(arrays, 6), tmp_path,
                           mesh=eight_devices())
+
+
+def test_the_loop_runs_at_most_in_flight_steps_ahead(tmp_path):
+  """Once IN_FLIGHT later steps are dispatched, the loop waits for a step's metrics: XLA's CPU client deadlocks on a
+  long queue of multi-device steps (metrics.IN_FLIGHT), and one step queued keeps an accelerator busy."""
+  events = []
+
+  class Loss(float):  # a step's metric that records when the loop waits for it
+    def block_until_ready(self):
+      events.append(("wait", int(self)))
+      return self
+
+  def step_fn(state, batch):
+    step = state["step"] + 1
+    events.append(("run", step))
+    return {"step": step}, {"loss": Loss(step)}
+
+  class NoCheckpoints:
+    def save(self, *args, **kwargs):
+      events.append(("save", args[0]))
+
+    def latest_step(self):
+      return None
+
+  data = ArrayIterator({"x": np.zeros((8, 1), np.float32)}, 8)
+  with metrics.Reporter(tmp_path, 6, 100, "loop", NoCheckpoints()) as reporter:
+    metrics.train_loop(step_fn, {"step": 0}, data, mesh=one_device(), reporter=reporter, checkpointer=NoCheckpoints(),
+                       total_steps=6, checkpoint_every=100, stage="loop")
+  ahead = metrics.IN_FLIGHT
+  want = [("run", 1)]
+  for step in range(2, 7):
+    want += [("run", step)] + ([("wait", step - ahead)] if step > ahead else [])
+  assert events == want + [("save", 6)]

@@ -1,11 +1,13 @@
 """What every trainer's loop shares: metric writing (clu TensorBoard writer, metrics.jsonl, a progress log line with
 steps/s and ETA), the NaN guard, and the loop itself.
 
-Step metrics stay on the device until a log or checkpoint step, so the host never waits for the device in between;
-a non-finite value in any of them stops the run before the next checkpoint could store it.
+Step metrics stay on the device until a log or checkpoint step, so between those the host waits for the device only
+to stay IN_FLIGHT steps ahead of it; a non-finite value in any of them stops the run before the next checkpoint
+could store it.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import json
@@ -153,16 +155,29 @@ class Reporter:
     self.close()
 
 
+# Steps dispatched ahead of the device: one queued behind the running one keeps an accelerator busy. More buy
+# nothing, and XLA's CPU client (jaxlib 0.10) deadlocks on them with several devices: every thread of its
+# execution pool ends up holding a later step that waits for its inputs, while the running step's all-reduce waits
+# for a device whose share of it has no thread left, until XLA aborts the process (seen on 2 cores with 8 fake
+# devices, a 120-step run that logged once, in about a quarter of runs under load).
+IN_FLIGHT = 2
+
+
 def train_loop(step_fn: Callable[..., tuple[Any, Any]], state: Any, data: DataSource, *, mesh: Mesh,
                reporter: Reporter, checkpointer: Checkpointer, total_steps: int, checkpoint_every: int, stage: str,
                args: tuple = ()) -> Any:
-  """Runs `step_fn(state, batch, *args) -> (state, metrics)` from state["step"] to `total_steps`.
+  """Runs `step_fn(state, batch, *args) -> (state, metrics)` from state["step"] to `total_steps`, at most IN_FLIGHT
+  steps ahead of the device.
 
   Checkpoints every `checkpoint_every` steps and at the end, each with the data position (extra["data"]), and only
   after the metrics of every step before it were found finite. Returns the final state.
   """
+  in_flight = collections.deque()
   for step in range(int(state["step"]) + 1, total_steps + 1):
     state, metrics = step_fn(state, partition.shard_batch(mesh, next(data)), *args)
+    in_flight.append(metrics)
+    if len(in_flight) > IN_FLIGHT:
+      jax.block_until_ready(in_flight.popleft())
     reporter.add(step, metrics)
     if step % checkpoint_every == 0 or step == total_steps:
       reporter.check()

@@ -5,6 +5,8 @@ offset; its persistent programs take every work item once; differentiated calls 
 values and gradients exactly; where the kernel does not take the shapes, the reference runs, also on batch shards
 under a sharded jit; "auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the
 H200's to measure (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from test_kernels import _sharded_matches_one_device
 
 from graft_jax import operators as ops
+from graft_jax.operators import attention
 from graft_jax.operators.attention import project_heads, project_packed, softmax_attention
 from graft_jax.operators.kernels import hopper_attention
 
@@ -40,7 +43,10 @@ def test_mha_lowers_to_the_kernel(tokens):
   assert exported.out_avals[0].shape == x.shape
 
 
-def test_differentiated_mha_takes_the_plain_composition():
+def test_differentiated_mha_on_cudnn_takes_the_plain_composition(monkeypatch):
+  # Where MHA does not train on the backward kernels ("auto" until they are measured in a whole step), a
+  # differentiated call on the forward kernel runs the composition: its values and gradients exactly.
+  monkeypatch.setattr(attention, "trains_on_kernel", lambda *args: False)
   module, params, x = _mha("mosaic", 512)
   xla, fused = (jax.vjp(ops.build("mha", x.shape[-1], num_heads=HEADS, backend=b).apply, params, x)
                 for b in ("xla", "mosaic"))
@@ -48,6 +54,45 @@ def test_differentiated_mha_takes_the_plain_composition():
   cotangent = jax.random.normal(jax.random.key(2), x.shape, x.dtype)
   for a, b in zip(jax.tree.leaves(xla[1](cotangent)), jax.tree.leaves(fused[1](cotangent))):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("tokens", [256, 512])
+def test_differentiated_mosaic_mha_lowers_to_the_backward_kernels(tokens):
+  # "mosaic" trains on the kernels: the forward writing its log-sum-exp, then the dq and the dk/dv kernels; no
+  # cuDNN anywhere, and gradients for every parameter and the input.
+  module, params, x = _mha("mosaic", tokens)
+  loss = lambda params, x: module.apply(params, x).astype(jnp.float32).sum()
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
+  )(params, x)
+  module_text = exported.mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", module_text)) == 3
+  assert "cudnn" not in module_text
+  assert [a.shape for a in exported.out_avals] == [a.shape for a in jax.tree.leaves((params, x))]
+
+
+def test_auto_trains_on_cudnn_until_the_kernels_are_measured():
+  dit = (256, 256, 16, 72)
+  assert not attention.trains_on_kernel("auto", dit, jnp.bfloat16)
+  assert attention.trains_on_kernel("mosaic", dit, jnp.bfloat16)
+  assert attention.trains_on_kernel("mosaic", (2, 16384, 16, 72), jnp.bfloat16)
+  assert not attention.trains_on_kernel("mosaic", (2, 192, 16, 72), jnp.bfloat16)  # not whole tiles of 128
+  assert not attention.trains_on_kernel("mosaic", dit, jnp.float32)
+
+
+@pytest.mark.parametrize("heads", [16, 2])
+def test_bias_rows_hold_each_head_at_its_window_offset(heads):
+  # What the backward kernels add to a window: the head's bias at its offset, zeros on the neighbour's channels;
+  # rows come in fours (whole 128-byte lines for the copy).
+  windows = hopper_attention.Windows(heads, HEAD_DIM)
+  bias = jax.random.normal(jax.random.key(5), (heads, HEAD_DIM))
+  rows = np.asarray(windows.bias_rows(bias, jnp.float32))
+  assert rows.shape == (-(-heads // 4) * 4, windows.width)
+  for h, offset in enumerate(windows.offsets):
+    np.testing.assert_array_equal(rows[h, offset:offset + HEAD_DIM], bias[h])
+    assert not rows[h, :offset].any() and not rows[h, offset + HEAD_DIM:].any()
+  assert not rows[heads:].any()
 
 
 def test_windows_hold_each_head_at_its_offset():

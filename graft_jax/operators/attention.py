@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from graft_jax.operators import init
-from graft_jax.operators.kernels import forward_only, hopper_attention, sixteen_bit
+from graft_jax.operators.kernels import forward_only, hopper_attention, hopper_attention_grad, sixteen_bit
 from graft_jax.operators.kernels.splash import splash_attention
 from graft_jax.operators.matmul import einsum_f32
 from graft_jax.operators.registry import register
@@ -89,7 +89,8 @@ SPLASH_FROM_TOKENS = 4096
 
 def mha_backend(requested: str, heads_shape, dtype) -> str:
   """MHA's backend (one of MHA_BACKENDS) for (B, N, H, d) heads: "cudnn" and "xla" as `attention_backend` resolves
-  them; "mosaic" the Hopper kernel (`kernels.hopper_attention`); "splash" TPU splash attention (`kernels.splash`;
+  them; "mosaic" the Hopper kernel (`kernels.hopper_attention`; train steps on its backward kernels too, see
+  `trains_on_kernel`); "splash" TPU splash attention (`kernels.splash`;
   off TPU it runs in Pallas interpret mode, correct but slow). "auto" takes the Hopper kernel on Hopper GPUs where
   it beat cuDNN (`hopper_attention.pays_off`: 256 tokens or more, heads not a multiple of 64), splash on TPUs from
   SPLASH_FROM_TOKENS tokens, `attention_backend`'s choice elsewhere."""
@@ -118,15 +119,28 @@ def _mha(x, weights, num_heads: int, backend: str):
   return project_out(kept(y), weights)
 
 
-def _mha_on_hopper_kernel(x, weights, num_heads: int):
-  """`_mha` with the attention on the Hopper kernel. Forward only: differentiated calls (a train step) run `_mha` on
-  cuDNN, so what remat saves there is exactly what it saves without the kernel."""
+def _mha_on_hopper_kernel(x, weights, num_heads: int, train: bool):
+  """`_mha` with the attention on the Hopper kernel over one packed projection. `train`: differentiated calls (a
+  train step) run the kernel's backward too (`hopper_attention_grad`); otherwise they run `_mha` on cuDNN, so what
+  remat saves there is exactly what it saves without the kernel."""
   def fused(x, weights):
     q_bias = weights["q"][1].reshape(num_heads, -1)
-    y = hopper_attention.attention(project_packed(x, weights, num_heads), q_bias, softmax_attention)
-    return project_out(y, weights)
+    qkv = project_packed(x, weights, num_heads)
+    y = (hopper_attention_grad.attention(qkv, q_bias) if train
+         else hopper_attention.attention(qkv, q_bias, softmax_attention))
+    return project_out(kept(y), weights)
+  if train:
+    return fused(x, weights)
   reference = lambda x, weights: _mha(x, weights, num_heads, attention_backend("auto", x.dtype))
   return forward_only(fused, reference)(x, weights)
+
+
+def trains_on_kernel(requested: str, heads_shape, dtype) -> bool:
+  """Whether MHA's differentiated calls on the Hopper kernel run its backward kernels as well: for "mosaic", where
+  they take the shapes; "auto" keeps cuDNN's backward in train steps (`hopper_attention_grad.pays_off`)."""
+  if not hopper_attention_grad.fits_train(heads_shape, dtype):
+    return False
+  return requested == "mosaic" or (requested == "auto" and hopper_attention_grad.pays_off(heads_shape))
 
 
 @register("mha", "attn", defaults={"num_heads": 16, "backend": "auto"},
@@ -143,9 +157,11 @@ class MultiHeadAttention(nn.Module):
     if self.dim % self.num_heads:
       raise ValueError(f"width {self.dim} is not divisible by {self.num_heads} heads")
     x, weights = attention_weights(x)
-    backend = mha_backend(self.backend, (*x.shape[:2], self.num_heads, self.dim // self.num_heads), x.dtype)
+    heads_shape = (*x.shape[:2], self.num_heads, self.dim // self.num_heads)
+    backend = mha_backend(self.backend, heads_shape, x.dtype)
     if backend == "mosaic":
-      return _mha_on_hopper_kernel(x, weights, self.num_heads)
+      train = trains_on_kernel(self.backend, heads_shape, x.dtype)
+      return _mha_on_hopper_kernel(x, weights, self.num_heads, train)
     return _mha(x, weights, self.num_heads, backend)
 
 

@@ -4,15 +4,18 @@ against.
 
 The TPU kernels (causal_conv, splash) and the Triton ones (ssd, hyena_gate, norm_modulate) run on CPU through Pallas
 interpret mode (`interpret=True`), which is how the tests check their numerics; the TPU ones have not been compiled
-or timed on TPU hardware yet, the Triton ones have, on an H200. The Mosaic GPU ones (dense_gelu and
-hopper_attention, Hopper wgmma) do not run in jax 0.10's GPU interpret mode (`InterpretGPUParams`), which lacks what
-they use: 2-D barrier arrays, `plgpu.load` with a layout, accumulators started from a value (`ACC.init`, run_state),
-a CPU rule for `layout_cast`, and transposed wgmma operands (tried 2026-11-30). So the tests check that they lower,
-that hopper_attention's differentiated calls take their reference's values and gradients, and that the MLP's custom
-VJP over dense_gelu's kernels gives autodiff's gradients with XLA's compositions standing in for them; their numbers
-come from the H200 (benchmarks/dense_gelu.py, benchmarks/hopper_attention.py). Under a sharded jit, causal_conv,
-ssd, dense_gelu, hyena_gate, norm_modulate, hopper_attention and splash run on each device's batch shard
-(`batch_partitioned`).
+or timed on TPU hardware yet, the Triton ones have, on an H200. The Mosaic GPU ones (dense_gelu, hopper_attention
+and its backward hopper_attention_grad, Hopper wgmma) do not run in jax 0.10's GPU interpret mode
+(`InterpretGPUParams`), which lacks what they use: 2-D barrier arrays, `plgpu.load` with a layout, accumulators
+started from a value (`ACC.init`, run_state), a CPU rule for `layout_cast`, and transposed wgmma operands (tried
+2026-11-30). They do lower on a CPU-only machine (`jax.export` for platform "cuda", or `.lower(lowering_platforms=
+("cuda",))`), which runs Mosaic's own shape, layout and alignment checks: the tests check that they lower, that
+hopper_attention's differentiated calls take their reference's values and gradients where MHA does not train on
+its backward kernels, and that the MLP's custom VJP over dense_gelu's kernels gives autodiff's gradients with XLA's
+compositions standing in for them; their numbers come from the H200 (benchmarks/dense_gelu.py,
+benchmarks/hopper_attention.py, and for the attention's backward the ad-hoc runs in benchmarks/HISTORY.md). Under a
+sharded jit, causal_conv, ssd, dense_gelu, hyena_gate, norm_modulate, hopper_attention (and its backward) and splash
+run on each device's batch shard (`batch_partitioned`).
 """
 from __future__ import annotations
 

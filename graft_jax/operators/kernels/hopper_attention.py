@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,15 @@ class Windows:
   def exact(self) -> bool:
     """Whether every window is its head alone (head_dim a multiple of _GRAIN): nothing to zero."""
     return self.width == self.head_dim
+
+  def bias_rows(self, q_bias, dtype) -> jax.Array:
+    """(num_heads rounded up to 4, width): row h is q's (num_heads, head_dim) bias laid where head h's own channels
+    sit in its window, zeros on the neighbour's, so a kernel adds it to a window whatever the head's place."""
+    d, p = self.head_dim, self.width
+    rows = [jnp.pad(q_bias[h], (off, p - d - off)) for h, off in enumerate(self.offsets)]
+    # Whole 128-byte lines (4 rows of a multiple of 32 bytes): a warpgroup's copy of them moves a multiple of 128.
+    rows += [jnp.zeros(p, q_bias.dtype)] * (-len(rows) % 4)
+    return jnp.stack(rows).astype(dtype)
 
   def fit(self) -> bool:
     """Whole groups, no box reaching past its group, none wider than _WIDEST, and heads of a multiple of 8 channels
@@ -143,56 +153,92 @@ def work_item(program, programs: int, j, heads: int, q_tiles: int):
   return lax.div(index, q_tiles * heads), lax.rem(lax.div(index, q_tiles), heads), lax.rem(index, q_tiles)
 
 
-def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
+@dataclasses.dataclass(frozen=True)
+class HeadIO:
+  """How the kernels (this forward, `hopper_attention_grad`'s backward) move heads between memory and registers:
+  operands are (B, N, parts * h // g, g * d) views of (B, N, parts, H, d) arrays (q, k and v packed: 3 parts; o
+  and its gradient: 1), read by `Windows`."""
+  windows: Windows
+  dtype: Any
+
+  @property
+  def transforms(self):
+    """wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any window."""
+    itemsize = jnp.dtype(self.dtype).itemsize
+    return plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * itemsize)
+
+  def view(self, a, parts: int):
+    """A (B, N, parts, H, d) or (B, N, H, d) array as the kernels' (B, N, parts * h // g, g * d) operand."""
+    w = self.windows
+    return a.reshape(a.shape[0], a.shape[1], parts * w.num_heads // w.group, w.group * w.head_dim)
+
+  def at_place(self, head, fn):
+    """fn(place) for `head`'s place in its group, as a static int: Mosaic checks box alignment statically, so each
+    of the group's places gets its own branch (the first group's starts and offsets serve every group)."""
+    for place in range(self.windows.group):
+      pl.when(lax.rem(head, self.windows.group) == place)(functools.partial(fn, place))
+
+  def copy_window(self, ref, part: int, parts: int, batch, head, rows, dst, barrier):
+    """TMA of `head`'s window of `rows` of part `part` of a `view` with `parts` parts into dst."""
+    w = self.windows
+    self.at_place(head, lambda place: plgpu.copy_gmem_to_smem(
+        ref.at[batch, rows, part * (w.num_heads // w.group) + lax.div(head, w.group), pl.ds(w.starts[place], w.width)],
+        dst, barrier))
+
+  def own_channels(self, head, rows: int):
+    """Where a (rows, width) tile in registers holds `head`'s channels, not a neighbour's."""
+    offset = lax.rem(head * self.windows.head_dim, _GRAIN)
+    channel = plgpu.broadcasted_iota(jnp.int32, (rows, self.windows.width), 1, layout=plgpu.Layout.WGMMA)
+    return (channel >= offset) & (channel < offset + self.windows.head_dim)
+
+  def bias_row(self, bias_smem, head):
+    """Row `head` of `Windows.bias_rows` in shared memory, as a row vector to broadcast over a tile's rows."""
+    return plgpu.load(bias_smem.at[head], (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+  def store_own(self, tile, staging, out_ref, batch, rows, head, part: int = 0, parts: int = 1):
+    """The head's own channels of a (rows, width) float32 tile, cast, through `staging` (rows, head_dim; plain rows,
+    which TMA may write 144 bytes wide at 72 h) into part `part` of a `view`, without waiting for the store (the
+    other channels of a window are the neighbour's: zero, or carrying the neighbour's values)."""
+    w = self.windows
+
+    def store(place):
+      offset = w.offsets[place]
+      staging[...] = tile[:, offset:offset + w.head_dim].astype(self.dtype)
+      plgpu.commit_smem()
+      group = part * (w.num_heads // w.group) + lax.div(head, w.group)
+      plgpu.copy_smem_to_gmem(staging, out_ref.at[batch, rows, group, pl.ds(place * w.head_dim, w.head_dim)])
+    self.at_place(head, store)
+
+
+def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int, with_lse: bool = False):
   """The kernel on a (B, N, 3, H, d) operand whose `Windows` fit and q's (H, d) bias, on `num_sms` persistent
-  programs."""
+  programs: o (B, N, H, d), and `with_lse` each row's log-sum-exp (B, H, N) float32, in base 2 of the logits times
+  log2(e) / sqrt(d) (what the backward kernels exponentiate)."""
   b, n, _, h, d = qkv.shape
   dtype = qkv.dtype
-  windows = Windows(h, d)
-  p, g = windows.width, windows.group
+  io = HeadIO(Windows(h, d), dtype)
+  p, g = io.windows.width, io.windows.group
   bq, bkv, stages = tiles.block_q, tiles.block_kv, tiles.stages
-  steps, q_tiles = n // bkv, n // (2 * bq)
-  itemsize = jnp.dtype(dtype).itemsize
   # q's bias a group a row, padded to whole 128-byte lines: a warpgroup's copy moves a multiple of 128 bytes.
-  line = 128 // itemsize
+  line = 128 // jnp.dtype(dtype).itemsize
   bias_row = -(-g * d // line) * line
+  steps, q_tiles = n // bkv, n // (2 * bq)
   items = b * h * q_tiles
   # Logits in base 2: exp(s / sqrt(d)) = exp2(s * c).
   c = math.log2(math.e) / math.sqrt(d)
-  # wgmma reads shared memory as 8-row tiles of swizzled rows; rows of 16 channels (32 bytes) tile any window.
-  transforms = (plgpu.TilingTransform((8, _GRAIN)), plgpu.SwizzleTransform(_GRAIN * itemsize))
 
   def item(j):
     """(batch, head, first query) of this program's j-th item."""
     batch, head, q_tile = work_item(lax.axis_index("sm"), lax.axis_size("sm"), j, h, q_tiles)
     return batch, head, q_tile * 2 * bq
 
-  def body(qkv_ref, bias_ref, o_ref, smem, loaded, freed, turn):
-    q_smem, o_smem, k_smem, v_smem, bias_smem = smem
+  def body(qkv_ref, bias_ref, o_ref, lse_ref, smem, loaded, freed, turn):
+    q_smem, o_smem, lse_smem, k_smem, v_smem, bias_smem = smem
     q_loaded, k_loaded, v_loaded, bias_loaded = loaded
     k_freed, v_freed = freed
     wg = lax.axis_index("wg")
     count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
     total = count * steps  # this program's key steps, which go through one ring of stages across items
-
-    def at_place(head, fn):
-      """fn(place) for `head`'s place in its group, as a static int: Mosaic checks box alignment statically, so each
-      of the group's places gets its own branch (the first group's starts and offsets serve every group)."""
-      for place in range(g):
-        pl.when(lax.rem(head, g) == place)(functools.partial(fn, place))
-
-    def copy_window(part, batch, head, rows, dst, barrier):
-      """TMA of `head`'s window of `rows` of q, k or v (`part` 0, 1, 2; each `h // g` groups of the (B, N, 3 h // g,
-      g d) operand) into dst."""
-      at_place(head, lambda place: plgpu.copy_gmem_to_smem(
-          qkv_ref.at[batch, rows, part * (h // g) + lax.div(head, g), pl.ds(windows.starts[place], p)], dst,
-          barrier))
-
-    def own_channels(head):
-      """Where a (block_q, p) tile holds `head`'s channels, not a neighbour's."""
-      offset = lax.rem(head * d, _GRAIN)
-      channel = plgpu.broadcasted_iota(jnp.int32, (bq, p), 1, layout=plgpu.Layout.WGMMA)
-      return (channel >= offset) & (channel < offset + d)
 
     def take_turn():
       plgpu.barrier_arrive(turn)
@@ -206,7 +252,8 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
         """This warpgroup's queries of item j, into buffer j % 2 (the next item's load overlaps this one)."""
         batch, head, first = item(j)
         buf = lax.rem(j, 2)
-        copy_window(0, batch, head, pl.ds(first + wg * bq, bq), q_smem.at[buf, wg], q_loaded.at[buf, wg])
+        io.copy_window(qkv_ref, 0, 3, batch, head, pl.ds(first + wg * bq, bq), q_smem.at[buf, wg],
+                       q_loaded.at[buf, wg])
 
       row_stat = lambda value: plgpu.layout_cast(jnp.full((bq,), value, _F32), plgpu.Layout.WGMMA.reduce(1))
       plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
@@ -222,15 +269,14 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
         pl.when(j + 1 < count)(lambda: load_q(j + 1))
         q_tile = q_smem.at[buf, wg]
         plgpu.barrier_wait(q_loaded.at[buf, wg])
-
         def finish_q(place):
           """q's bias added and, where the window is wider than the head, the neighbour's channels zeroed."""
-          bias = plgpu.load(bias_smem.at[wg, lax.div(head, g), pl.ds(windows.starts[place], p)], (),
+          bias = plgpu.load(bias_smem.at[wg, lax.div(head, g), pl.ds(io.windows.starts[place], p)], (),
                             layout=plgpu.Layout.WGMMA.reduce(0))
           q = q_tile[...] + lax.broadcast_in_dim(bias, (bq, p), (1,))
           # The neighbour's channels out of q, so they add nothing to the logits.
-          q_tile[...] = q if windows.exact else jnp.where(own_channels(head), q, 0)
-        at_place(head, finish_q)
+          q_tile[...] = q if io.windows.exact else jnp.where(io.own_channels(head, bq), q, 0)
+        io.at_place(head, finish_q)
         plgpu.commit_smem()
 
         def step(i, carry):
@@ -269,18 +315,15 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
           return o, m_new, l
 
         o = plgpu.layout_cast(jnp.zeros((bq, p), _F32), plgpu.Layout.WGMMA)
-        o, _, l = lax.fori_loop(0, steps, step, (o, row_stat(-jnp.inf), row_stat(0.0)))
-        o = (o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))).astype(dtype)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has read o_smem
+        o, m, l = lax.fori_loop(0, steps, step, (o, row_stat(-jnp.inf), row_stat(0.0)))
+        o = o * lax.broadcast_in_dim(1.0 / l, o.shape, (0,))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read the staging
         rows = pl.ds(first + wg * bq, bq)
-
-        def store(place):
-          """The head's own channels only (p v's others carry the neighbour's values), at its place in its group."""
-          offset = windows.offsets[place]
-          o_smem[wg] = o[:, offset:offset + d]
+        io.store_own(o, o_smem.at[wg], o_ref, batch, rows, head)
+        if with_lse:
+          lse_smem.at[wg][...] = m + jnp.log2(l)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[batch, rows, lax.div(head, g), pl.ds(place * d, d)])
-        at_place(head, store)
+          plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, rows])
 
       pl.when(wg == 0)(take_turn)  # the turn warpgroup 1 took before its loop
       plgpu.wait_smem_to_gmem(0)
@@ -292,8 +335,8 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
       def fetch(ring):
         batch, head, _ = item(lax.div(ring, steps))
         keys, slot = pl.ds(lax.rem(ring, steps) * bkv, bkv), lax.rem(ring, stages)
-        copy_window(1, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
-        copy_window(2, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
+        io.copy_window(qkv_ref, 1, 3, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
+        io.copy_window(qkv_ref, 2, 3, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
 
       for ring in range(stages):
         pl.when(ring < total)(functools.partial(fetch, ring))
@@ -305,24 +348,30 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int):
         plgpu.barrier_wait(v_freed.at[slot])
         fetch(ring)
 
-  def entry(qkv_ref, bias_ref, o_ref):
-    smem = [plgpu.SMEM((2, 2, bq, p), dtype, transforms=transforms),  # queries: (buffer, warpgroup)
-            plgpu.SMEM((2, bq, d), dtype)]  # output staging, a tile a warpgroup (plain rows: TMA stores 72 wide)
-    smem += [plgpu.SMEM((stages, bkv, p), dtype, transforms=transforms)] * 2
+  def entry(qkv_ref, bias_ref, o_ref, lse_ref=None):
+    smem = [plgpu.SMEM((2, 2, bq, p), dtype, transforms=io.transforms),  # queries: (buffer, warpgroup)
+            plgpu.SMEM((2, bq, d), dtype),  # output staging, a tile a warpgroup
+            plgpu.SMEM((2, bq), _F32)]  # log-sum-exp staging
+    smem += [plgpu.SMEM((stages, bkv, p), dtype, transforms=io.transforms)] * 2
     smem += [plgpu.SMEM((2, h // g, bias_row), dtype)]  # q's whole bias, a copy a warpgroup
     pl.run_scoped(
-        functools.partial(body, qkv_ref, bias_ref, o_ref), smem,
+        functools.partial(body, qkv_ref, bias_ref, o_ref, lse_ref), smem,
         (plgpu.Barrier(num_barriers=(2, 2)), plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
         (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,  # both compute warpgroups are done with a slot
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg")
 
-  out = plgpu.kernel(
-      entry, out_type=jax.ShapeDtypeStruct((b, n, h // g, g * d), dtype), grid=(min(num_sms, items),),
-      grid_names=("sm",), num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
+  o_type = jax.ShapeDtypeStruct((b, n, h // g, g * d), dtype)
+  out_type = (o_type, jax.ShapeDtypeStruct((b, h, n), _F32)) if with_lse else o_type
+  call = plgpu.kernel(
+      entry, out_type=out_type, grid=(min(num_sms, items),), grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))
   bias = jnp.pad(q_bias.astype(dtype).reshape(h // g, g * d), ((0, 0), (0, bias_row - g * d)))
-  return out(qkv.reshape(b, n, 3 * h // g, g * d), bias).reshape(b, n, h, d)
+  out = call(io.view(qkv, 3), bias)
+  if with_lse:
+    return out[0].reshape(b, n, h, d), out[1]
+  return out.reshape(b, n, h, d)
 
 
 def attention(qkv, q_bias, reference, *, tiles: Tiles | None = None, num_sms: int | None = None):

@@ -269,6 +269,7 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int, with_lse: bool = False
         pl.when(j + 1 < count)(lambda: load_q(j + 1))
         q_tile = q_smem.at[buf, wg]
         plgpu.barrier_wait(q_loaded.at[buf, wg])
+
         def finish_q(place):
           """q's bias added and, where the window is wider than the head, the neighbour's channels zeroed."""
           bias = plgpu.load(bias_smem.at[wg, lax.div(head, g), pl.ds(io.windows.starts[place], p)], (),

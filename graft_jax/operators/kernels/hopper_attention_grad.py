@@ -61,6 +61,29 @@ def _launch(entry, out_type, programs: int):
                       thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
+def _stream(steps: int, stages: int, freed, fetch):
+  """The memory warpgroup: fetch(i, slot) of each step's tiles into slot i % stages, once both compute warpgroups
+  have arrived at every barrier of `freed` for that slot's previous step."""
+  plgpu.set_max_registers(40, action="decrease")
+
+  @pl.loop(0, steps)
+  def _(i):
+    slot = lax.rem(i, stages)
+
+    @pl.when(i >= stages)
+    def _():
+      for barrier in freed:
+        plgpu.barrier_wait(barrier.at[slot])
+    fetch(i, slot)
+
+
+def _geometry(qkv):
+  """(HeadIO, c, scale) for a packed (B, N, 3, H, d) operand: exp2(s * c) = exp(s / sqrt(d)) for logits s, and
+  scale = 1 / sqrt(d) takes the logits' gradient to q's and k's."""
+  d = qkv.shape[-1]
+  return HeadIO(Windows(qkv.shape[3], d), qkv.dtype), math.log2(math.e) / math.sqrt(d), 1 / math.sqrt(d)
+
+
 def _row_tile(dtype, rows: int, io: HeadIO):
   return plgpu.SMEM((2, rows, io.windows.width), dtype, transforms=io.transforms)
 
@@ -68,10 +91,9 @@ def _row_tile(dtype, rows: int, io: HeadIO):
 def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles):
   """(dq as a 1-part view, delta (B, H, N) float32)."""
   b, n, _, h, d = qkv.shape
-  io = HeadIO(Windows(h, d), qkv.dtype)
+  io, c, scale = _geometry(qkv)
   p, bq, bkv, stages = io.windows.width, _ROWS, tiles.dq_block_kv, tiles.dq_stages
   steps, q_tiles = n // bkv, n // (2 * bq)
-  c, scale = math.log2(math.e) / math.sqrt(d), 1 / math.sqrt(d)
 
   def body(qkv_ref, o_ref, do_ref, bias_ref, lse_ref, dq_ref, delta_ref, smem, mine, k_loaded, v_loaded, k_freed,
            v_freed):
@@ -133,21 +155,11 @@ def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles):
       io.store_own(dq * scale, staging.at[wg], dq_ref, batch, rows, head)
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-
-      @pl.loop(0, steps)
-      def _(i):
-        slot = lax.rem(i, stages)
-
-        @pl.when(i >= stages)
-        def _():
-          plgpu.barrier_wait(k_freed.at[slot])
-          plgpu.barrier_wait(v_freed.at[slot])
-        keys = pl.ds(i * bkv, bkv)
-        io.copy_window(qkv_ref, 1, 3, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
-        io.copy_window(qkv_ref, 2, 3, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
+    def fetch(i, slot):
+      keys = pl.ds(i * bkv, bkv)
+      io.copy_window(qkv_ref, 1, 3, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
+      io.copy_window(qkv_ref, 2, 3, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
+    pl.when(wg == 2)(lambda: _stream(steps, stages, (k_freed, v_freed), fetch))
 
   def entry(qkv_ref, o_ref, do_ref, bias_ref, lse_ref, dq_ref, delta_ref):
     smem = [_row_tile(io.dtype, bq, io)] * 3  # q, o, dO
@@ -169,10 +181,9 @@ def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles):
 def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles):
   """dk and dv in parts 1 and 2 of a 3-part view (part 0 is left unwritten)."""
   b, n, _, h, d = qkv.shape
-  io = HeadIO(Windows(h, d), qkv.dtype)
+  io, c, scale = _geometry(qkv)
   p, bk, bq, stages = io.windows.width, _ROWS, tiles.dkv_block_q, tiles.dkv_stages
   steps, k_tiles = n // bq, n // (2 * bk)
-  c, scale = math.log2(math.e) / math.sqrt(d), 1 / math.sqrt(d)
 
   def body(qkv_ref, do_ref, bias_ref, lse_ref, delta_ref, dkv_ref, smem, mine, loaded, freed):
     k_smem, v_smem, staging, q_smem, do_smem, lse_smem, delta_smem, bias_smem = smem
@@ -241,22 +252,13 @@ def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles):
       io.store_own(dv, staging.at[wg, 1], dkv_ref, batch, rows, head, part=2, parts=3)
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-
-      @pl.loop(0, steps)
-      def _(i):
-        slot = lax.rem(i, stages)
-
-        @pl.when(i >= stages)
-        def _():
-          plgpu.barrier_wait(freed.at[slot])
-        queries = pl.ds(i * bq, bq)
-        io.copy_window(qkv_ref, 0, 3, batch, head, queries, q_smem.at[slot], q_loaded.at[slot])
-        io.copy_window(do_ref, 0, 1, batch, head, queries, do_smem.at[slot], do_loaded.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, queries], lse_smem.at[slot], lse_loaded.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, queries], delta_smem.at[slot], delta_loaded.at[slot])
+    def fetch(i, slot):
+      queries = pl.ds(i * bq, bq)
+      io.copy_window(qkv_ref, 0, 3, batch, head, queries, q_smem.at[slot], q_loaded.at[slot])
+      io.copy_window(do_ref, 0, 1, batch, head, queries, do_smem.at[slot], do_loaded.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, queries], lse_smem.at[slot], lse_loaded.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, queries], delta_smem.at[slot], delta_loaded.at[slot])
+    pl.when(wg == 2)(lambda: _stream(steps, stages, (freed,), fetch))
 
   def entry(qkv_ref, do_ref, bias_ref, lse_ref, delta_ref, dkv_ref):
     smem = [_row_tile(io.dtype, bk, io)] * 2  # k, v

@@ -1,10 +1,14 @@
-"""The Hopper self-attention kernel (operators/kernels/hopper_attention.py) behind MHA's backend "mosaic": it cannot
-run on a CPU, so these check what can be checked here. MHA lowers to it at DiT's head width; the kernel's windows
-(16-channel-aligned boxes over heads of 72 laid back to back, the neighbour's channels zeroed) hold each head at its
-offset; its persistent programs take every work item once; differentiated calls take the cuDNN/XLA composition's
-values and gradients exactly; where the kernel does not take the shapes, the reference runs, also on batch shards
-under a sharded jit; "auto" picks the kernel only where it beat cuDNN on the H200. Its numerics and speed are the
-H200's to measure (benchmarks/hopper_attention.py: error against a float32 evaluation, time against cuDNN)."""
+"""The Hopper self-attention kernel (operators/kernels/hopper_attention.py) and its backward kernels
+(hopper_attention_grad.py) behind MHA's backend "mosaic": they cannot run on a CPU, so these check what can be
+checked here. MHA lowers to the forward at DiT's head width, and a differentiated "mosaic" MHA to the forward with
+its log-sum-exp and the two backward kernels, with remat keeping what they read; the kernel's windows (16-channel-
+aligned boxes over heads of 72 laid back to back, the neighbour's channels zeroed) hold each head and its q bias at
+its offset; its persistent programs take every work item once; where MHA does not train on the backward kernels,
+differentiated calls take the cuDNN/XLA composition's values and gradients exactly; where the kernel does not take
+the shapes, the reference runs, also on batch shards under a sharded jit; "auto" picks the forward kernel only
+where it beat cuDNN on the H200 and trains on cuDNN. Their numerics and speed are the H200's to measure
+(benchmarks/hopper_attention.py, benchmarks/hopper_attention_grad.py: errors against a float32 evaluation, time
+against cuDNN)."""
 import re
 
 import jax
@@ -14,6 +18,8 @@ import pytest
 from test_kernels import _sharded_matches_one_device
 
 from graft_jax import operators as ops
+from graft_jax.models import DiT, dit_config, init_params
+from graft_jax.models.config import OpSpec
 from graft_jax.operators import attention
 from graft_jax.operators.attention import project_heads, project_packed, softmax_attention
 from graft_jax.operators.kernels import hopper_attention
@@ -70,6 +76,24 @@ def test_differentiated_mosaic_mha_lowers_to_the_backward_kernels(tokens):
   assert len(re.findall(r"custom_call @mosaic_gpu", module_text)) == 3
   assert "cudnn" not in module_text
   assert [a.shape for a in exported.out_avals] == [a.shape for a in jax.tree.leaves((params, x))]
+
+
+@pytest.mark.parametrize("remat, kernel_calls", [("elementwise", 3), ("dots", 4)])
+def test_remat_keeps_what_the_backward_kernels_read(remat, kernel_calls):
+  # A DiT train step on the kernels: under remat's elementwise policy the forward's output and log-sum-exp are
+  # kept (`kept`), so the backward runs the dq and dk/dv kernels without running the forward again; the dots policy
+  # keeps neither, and the forward kernel runs a second time in the backward pass.
+  cfg = dit_config("DiT-S/2", depth=1, hidden_size=HEADS * HEAD_DIM, num_heads=HEADS, num_classes=10, remat=remat)
+  cfg = cfg.replace(layers=tuple(layer.__class__(OpSpec.make("mha", num_heads=HEADS, backend="mosaic"), layer.mlp)
+                                 for layer in cfg.layers))
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0)))
+  x, labels = jnp.zeros((2, 32, 32, 4), jnp.bfloat16), jnp.zeros((2,), jnp.int32)  # 256 tokens
+  loss = lambda params: DiT(cfg).apply({"params": params}, x, labels, labels).astype(jnp.float32).sum()
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss)), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
+  )(params)
+  assert len(re.findall(r"custom_call @mosaic_gpu", exported.mlir_module())) == kernel_calls
 
 
 def test_auto_trains_on_cudnn_until_the_kernels_are_measured():

@@ -25,11 +25,6 @@ SHAPES = {"dit_xl2_batch256": (256, 256), "tokens1024_batch64": (64, 1024), "pix
 CHECKED = 4  # examples the float32 evaluation covers
 
 
-def unpacked(qkv, q_bias, attend):
-  """attend(q, k, v) on a packed (B, N, 3, H, d) array with q's bias added."""
-  return attend(qkv[:, :, 0] + q_bias.astype(qkv.dtype), qkv[:, :, 1], qkv[:, :, 2])
-
-
 def gradients(attend):
   """(qkv, q_bias, do) -> (dqkv, dq_bias) of attend(qkv, q_bias) for the output's cotangent do."""
   return jax.jit(lambda qkv, q_bias, do: jax.vjp(attend, qkv, q_bias)[1](do))
@@ -42,9 +37,9 @@ def bench(batch: int, tokens: int, kernels=hopper_attention_grad.attention) -> d
   do = jax.random.normal(keys[2], (batch, tokens, HEADS, HEAD_DIM), jnp.bfloat16)
   f32 = lambda a: a.astype(jnp.float32)
   exact_attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  exact = gradients(lambda qkv, q_bias: unpacked(qkv, q_bias, exact_attention))(
+  exact = gradients(lambda qkv, q_bias: hopper_attention.unpacked(qkv, q_bias, exact_attention))(
       f32(qkv[:CHECKED]), f32(q_bias), f32(do[:CHECKED]))
-  paths = {"cudnn": lambda qkv, q_bias: unpacked(qkv, q_bias, softmax_attention), "kernels": kernels}
+  paths = {"cudnn": lambda qkv, q_bias: hopper_attention.unpacked(qkv, q_bias, softmax_attention), "kernels": kernels}
   row = {"batch": batch, "tokens": tokens, "heads": HEADS, "head_dim": HEAD_DIM,
          "auto_trains_on_kernels": hopper_attention_grad.pays_off((batch, tokens, HEADS, HEAD_DIM))}
   for name, attend in paths.items():

@@ -88,7 +88,9 @@ class Windows:
 
   def bias_rows(self, q_bias, dtype) -> jax.Array:
     """(num_heads rounded up to 4, width): row h is q's (num_heads, head_dim) bias laid where head h's own channels
-    sit in its window, zeros on the neighbour's, so a kernel adds it to a window whatever the head's place."""
+    sit in its window, zeros on the neighbour's, so a kernel adds it to a window whatever the head's place: the
+    backward kernels need the bias as a value outside the places' branches. (The forward keeps one row per group,
+    read in each place's branch: the layout it was timed with.)"""
     d, p = self.head_dim, self.width
     rows = [jnp.pad(q_bias[h], (off, p - d - off)) for h, off in enumerate(self.offsets)]
     # Whole 128-byte lines (4 rows of a multiple of 32 bytes): a warpgroup's copy of them moves a multiple of 128.
@@ -375,14 +377,18 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int, with_lse: bool = False
   return out.reshape(b, n, h, d)
 
 
+def unpacked(qkv, q_bias, attend):
+  """attend(q, k, v) on the packed (B, N, 3, H, d) operand with q's (H, d) bias added: what the kernels compute."""
+  return attend(qkv[:, :, 0] + q_bias.astype(qkv.dtype), qkv[:, :, 1], qkv[:, :, 2])
+
+
 def attention(qkv, q_bias, reference, *, tiles: Tiles | None = None, num_sms: int | None = None):
   """softmax(q k^T / sqrt(d)) v with q = qkv[:, :, 0] + q_bias, k, v = qkv[:, :, 1], qkv[:, :, 2], for a 16-bit
   (B, N, 3, H, d) qkv and q's (H, d) bias, through the kernel; it compiles only for a Hopper GPU (`supported`).
   `reference(q, k, v)` computes the same: differentiated calls run it, as do batch shards whose shapes do not `fit`
   (under a sharded jit `supported` saw only the global shape). `num_sms` (persistent programs) defaults to the
   device's SM count. The attention module passes `reference` in: it cannot be imported from here without a cycle."""
-  def unfused(qkv, q_bias):
-    return reference(qkv[:, :, 0] + q_bias.astype(qkv.dtype), qkv[:, :, 1], qkv[:, :, 2])
+  unfused = functools.partial(unpacked, attend=reference)
 
   def call(qkv, q_bias):  # sized by its operands: under a sharded jit, one device's batch shard
     heads_shape = qkv.shape[:2] + qkv.shape[3:]

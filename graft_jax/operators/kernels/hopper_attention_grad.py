@@ -176,9 +176,10 @@ def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles):
         plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         collective_axes="wg")
 
-  one_part = jax.ShapeDtypeStruct(io.view(o, 1).shape, io.dtype)
-  call = _launch(entry, (one_part, jax.ShapeDtypeStruct((b, h, n), _F32)), b * h * q_tiles)
-  return call(io.view(qkv, 3), io.view(o, 1), io.view(do, 1), bias_rows, lse)
+  o, do = io.view(o, 1), io.view(do, 1)
+  call = _launch(entry, (jax.ShapeDtypeStruct(o.shape, io.dtype), jax.ShapeDtypeStruct((b, h, n), _F32)),
+                 b * h * q_tiles)
+  return call(io.view(qkv, 3), o, do, bias_rows, lse)
 
 
 def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles):
@@ -276,8 +277,9 @@ def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles):
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # both compute warpgroups are done with a slot
         collective_axes="wg")
 
-  call = _launch(entry, jax.ShapeDtypeStruct(io.view(qkv, 3).shape, io.dtype), b * h * k_tiles)
-  return call(io.view(qkv, 3), io.view(do, 1), bias_rows, lse, delta)
+  qkv = io.view(qkv, 3)
+  call = _launch(entry, jax.ShapeDtypeStruct(qkv.shape, io.dtype), b * h * k_tiles)
+  return call(qkv, io.view(do, 1), bias_rows, lse, delta)
 
 
 def backward(qkv, q_bias, o, lse, do, tiles: Tiles = Tiles()):

@@ -98,7 +98,8 @@ def bench_dit(batch_size: int, remat: str = "none", profile: bool = False, train
   if train:
     run = train_runner(config, model, params, mesh, batch_of(batch_size))
     ms = train_step_ms(run)
-    rows.append({"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat, **sharded, **ms,
+    rows.append({"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat,
+                 "gelu_kernel": gelu_kernel, "attention": attention, **sharded, **ms,
                  "img_per_s": batch_size / ms["ms"] * 1e3, "peak_mem_gb": peak_memory_gb()})
     if profile:
       rows[-1]["profile"] = call_profile(run, top=40)

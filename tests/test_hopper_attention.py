@@ -22,7 +22,7 @@ from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.models.config import OpSpec
 from graft_jax.operators import attention
 from graft_jax.operators.attention import project_heads, project_packed, softmax_attention
-from graft_jax.operators.kernels import hopper_attention
+from graft_jax.operators.kernels import hopper_attention, hopper_attention_grad
 
 HEADS, HEAD_DIM = 2, 72
 
@@ -76,6 +76,23 @@ def test_differentiated_mosaic_mha_lowers_to_the_backward_kernels(tokens):
   assert len(re.findall(r"custom_call @mosaic_gpu", module_text)) == 3
   assert "cudnn" not in module_text
   assert [a.shape for a in exported.out_avals] == [a.shape for a in jax.tree.leaves((params, x))]
+
+
+@pytest.mark.parametrize("tokens", [256, 512])
+def test_kernels_fit_in_shared_memory_at_the_models_heads(tokens):
+  # Mosaic checks a kernel's shared memory as it lowers (against Hopper's 232,448 bytes a block), and it grows with
+  # the number of heads (q's bias) and with the tiles (256 keys x 2 stages from 512 tokens on). So the forward, with
+  # and without its log-sum-exp, and the backward lower here at DiT-XL/2's and PixArt's 16 heads of 72.
+  heads_shape = (2, tokens, 16, HEAD_DIM)
+  qkv = jax.ShapeDtypeStruct((2, tokens, 3, 16, HEAD_DIM), jnp.bfloat16)
+  q_bias, do = jax.ShapeDtypeStruct((16, HEAD_DIM), jnp.bfloat16), jax.ShapeDtypeStruct(heads_shape, jnp.bfloat16)
+  assert hopper_attention_grad.fits_train(heads_shape, jnp.bfloat16)
+  calls = {"forward": (lambda qkv, q_bias: hopper_attention.attention(qkv, q_bias, softmax_attention), (qkv, q_bias)),
+           "forward and backward": (lambda qkv, q_bias, do: jax.vjp(hopper_attention_grad.attention, qkv, q_bias)[1](do),
+                                    (qkv, q_bias, do))}
+  for name, (fn, args) in calls.items():
+    module_text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert module_text.count("custom_call @mosaic_gpu") == (1 if name == "forward" else 3), name
 
 
 @pytest.mark.parametrize("remat, kernel_calls", [("elementwise", 3), ("dots", 4)])

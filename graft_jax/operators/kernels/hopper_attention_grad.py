@@ -308,7 +308,7 @@ def attention(qkv, q_bias, *, num_sms: int | None = None):
   Under a sharded jit every kernel runs on each device's batch shard; q's bias gradient is summed over the batch
   outside them."""
   num_sms = num_sms or sm_count()
-  tiles = hopper_attention.Tiles.for_tokens(qkv.shape[1])
+  tiles = hopper_attention.Tiles.for_tokens(qkv.shape[1], with_lse=True)
   forward = lambda lse: batch_partitioned(
       lambda qkv, q_bias: hopper_attention._kernel_call(qkv, q_bias, tiles, num_sms, with_lse=lse), replicated=(1,))
 

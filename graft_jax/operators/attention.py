@@ -137,7 +137,7 @@ def _mha_on_hopper_kernel(x, weights, num_heads: int, train: bool):
 
 def trains_on_kernel(requested: str, heads_shape, dtype) -> bool:
   """Whether MHA's differentiated calls on the Hopper kernel run its backward kernels as well: for "mosaic", where
-  they take the shapes; "auto" keeps cuDNN's backward in train steps (`hopper_attention_grad.pays_off`)."""
+  they take the shapes; for "auto", where they also beat cuDNN's backward (`hopper_attention_grad.pays_off`)."""
   if not hopper_attention_grad.fits_train(heads_shape, dtype):
     return False
   return requested == "mosaic" or (requested == "auto" and hopper_attention_grad.pays_off(heads_shape))

@@ -12,9 +12,12 @@ forward does; the dk/dv kernel streams q as stored, so it adds k_j . b to key j'
 k and v (dk/dv kernel) keeps every contraction over channels exact, and the outputs' neighbour columns, which then
 hold the neighbour's values, are dropped as the forward drops them.
 
-Structure: a program takes 2 x 64 rows (queries for dq, keys for dk and dv) of one (batch, head), a compute
-warpgroup 64 of them with float32 accumulators; the third warpgroup streams the other side's tiles (k and v; or q,
-dO and the per-query statistics) through a ring of shared-memory stages with TMA.
+Structure: persistent programs, one an SM, as the forward's: a work item is 2 x 64 rows (queries for dq, keys for dk
+and dv) of one (batch, head), a compute warpgroup 64 of them with float32 accumulators, and while it computes, its
+next item's rows load into a second buffer. The third warpgroup streams the other side's tiles (k and v; or q, dO
+and the per-query statistics) through a ring of shared-memory stages with TMA, running on from one item into the
+next. At DiT-XL/2's batch-256 shape on an H200 the two kernels take 1.12 ms persistent against 1.27 with a program
+an item (2026-11-30, the same call, equal gradients).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from graft_jax.operators.kernels import batch_partitioned, hopper_attention, sm_count
-from graft_jax.operators.kernels.hopper_attention import HeadIO, Windows
+from graft_jax.operators.kernels.hopper_attention import HeadIO, Windows, items_of, work_item
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -52,31 +55,27 @@ def fits(n: int, tiles: Tiles = Tiles()) -> bool:
   return all(n % size == 0 for size in (2 * _ROWS, tiles.dq_block_kv, tiles.dkv_block_q))
 
 
-def _program(q_tiles: int, heads: int):
-  """(batch, head, first row) of this program."""
-  item = lax.axis_index("item")
-  return lax.div(item, q_tiles * heads), lax.rem(lax.div(item, q_tiles), heads), lax.rem(item, q_tiles) * 2 * _ROWS
-
-
 def _launch(entry, out_type, programs: int):
-  return plgpu.kernel(entry, out_type=out_type, grid=(programs,), grid_names=("item",), num_threads=3,
+  """One persistent program an SM (at most one an item), three warpgroups: two compute, one memory."""
+  return plgpu.kernel(entry, out_type=out_type, grid=(programs,), grid_names=("sm",), num_threads=3,
                       thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-def _stream(steps: int, stages: int, freed, fetch):
-  """The memory warpgroup: fetch(i, slot) of each step's tiles into slot i % stages, once both compute warpgroups
-  have arrived at every barrier of `freed` for that slot's previous step."""
+def _stream(total: int, stages: int, freed, fetch):
+  """The memory warpgroup: fetch(ring, slot) of each of this program's `total` steps (its items' steps back to
+  back) into slot ring % stages, once both compute warpgroups have arrived at every barrier of `freed` for that
+  slot's previous step. The ring runs on across items, so the next item's first tiles load while this one ends."""
   plgpu.set_max_registers(40, action="decrease")
 
-  @pl.loop(0, steps)
-  def _(i):
-    slot = lax.rem(i, stages)
+  @pl.loop(0, total)
+  def _(ring):
+    slot = lax.rem(ring, stages)
 
-    @pl.when(i >= stages)
+    @pl.when(ring >= stages)
     def _():
       for barrier in freed:
         plgpu.barrier_wait(barrier.at[slot])
-    fetch(i, slot)
+    fetch(ring, slot)
 
 
 def _geometry(qkv):
@@ -87,182 +86,230 @@ def _geometry(qkv):
 
 
 def _row_tile(io: HeadIO, rows: int):
-  """Shared memory for a tile of `rows` a compute warpgroup, as wgmma reads it."""
-  return plgpu.SMEM((2, rows, io.windows.width), io.dtype, transforms=io.transforms)
+  """Shared memory for a compute warpgroup's own tile of `rows`, as wgmma reads it: (buffer, warpgroup, ...), the
+  next item's tile loading into the other buffer while this item's is in use."""
+  return plgpu.SMEM((2, 2, rows, io.windows.width), io.dtype, transforms=io.transforms)
 
 
-def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles):
+def _item(j, heads: int, tiles_per_head: int, rows: int):
+  """(batch, head, first row) of this program's j-th work item of 2 x `rows` rows (`hopper_attention.work_item`'s
+  order: neighbouring programs take neighbouring tiles of one head, whose other side they then share in L2)."""
+  batch, head, tile = work_item(lax.axis_index("sm"), lax.axis_size("sm"), j, heads, tiles_per_head)
+  return batch, head, tile * 2 * rows
+
+
+def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles, num_sms: int):
   """(dq as a 1-part view, delta (B, H, N) float32)."""
   b, n, _, h, d = qkv.shape
   io, c, scale = _geometry(qkv)
   p, bq, bkv, stages = io.windows.width, _ROWS, tiles.dq_block_kv, tiles.dq_stages
   steps, q_tiles = n // bkv, n // (2 * bq)
+  items = b * h * q_tiles
 
-  def body(qkv_ref, o_ref, do_ref, bias_ref, lse_ref, dq_ref, delta_ref, smem, mine, k_loaded, v_loaded, k_freed,
-           v_freed):
+  def body(qkv_ref, o_ref, do_ref, bias_ref, lse_ref, dq_ref, delta_ref, smem, mine, bias_loaded, k_loaded,
+           v_loaded, k_freed, v_freed):
     q_smem, o_smem, do_smem, staging, lse_smem, delta_smem, k_smem, v_smem, bias_smem = smem
     wg = lax.axis_index("wg")
-    batch, head, first = _program(q_tiles, h)
+    count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
+    total = count * steps  # this program's key steps, which go through one ring of stages across items
+    item = functools.partial(_item, heads=h, tiles_per_head=q_tiles, rows=bq)
 
-    @pl.when(wg < 2)
+    @pl.when((wg < 2) & (count > 0))
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      rows = pl.ds(first + wg * bq, bq)
-      for ref, part, parts, dst, bar in ((qkv_ref, 0, 3, q_smem, mine[0]), (o_ref, 0, 1, o_smem, mine[1]),
-                                         (do_ref, 0, 1, do_smem, mine[2])):
-        io.copy_window(ref, part, parts, batch, head, rows, dst.at[wg], bar.at[wg])
-      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg], mine[3].at[wg])
-      plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], mine[4].at[wg])
-      for bar in mine:
-        plgpu.barrier_wait(bar.at[wg])
-      q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-      q = q_tile[...] + lax.broadcast_in_dim(io.bias_row(bias_smem.at[wg], head), (bq, p), (1,))
-      do = do_tile[...]
-      if not io.windows.exact:  # the neighbour's channels out of q and dO: they would enter S and dP
-        own = io.own_channels(head, bq)
-        q, do = jnp.where(own, q, 0), jnp.where(own, do, 0)
-        do_tile[...] = do
-      q_tile[...] = q
-      plgpu.commit_smem()
-      delta = (o_smem.at[wg][...].astype(_F32) * do.astype(_F32)).sum(axis=1)
-      delta_smem.at[wg][...] = delta
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(delta_smem.at[wg], delta_ref.at[batch, head, rows])
-      lse = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
 
-      def step(i, dq):
-        slot = lax.rem(i, stages)
-        plgpu.barrier_wait(k_loaded.at[slot])
+      def load(j):
+        """This warpgroup's q, o, dO and log-sum-exp rows of item j, into buffer j % 2."""
+        batch, head, first = item(j)
+        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bq, bq)
+        for ref, parts, dst, bar in ((qkv_ref, 3, q_smem, mine[0]), (o_ref, 1, o_smem, mine[1]),
+                                     (do_ref, 1, do_smem, mine[2])):
+          io.copy_window(ref, 0, parts, batch, head, rows, dst.at[buf, wg], bar.at[buf, wg])
+        plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[buf, wg], mine[3].at[buf, wg])
 
-        def logits(acc):
-          plgpu.wgmma(acc, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-          return acc[...]
-        s = pl.run_scoped(logits, plgpu.ACC((bq, bkv), _F32))
-        prob = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, (0,)))
-        plgpu.barrier_wait(v_loaded.at[slot])
+      plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
+      load(0)
+      plgpu.barrier_wait(bias_loaded.at[wg])
 
-        def dprob(acc):
-          plgpu.wgmma(acc, do_tile, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-          return acc[...]
-        dp = pl.run_scoped(dprob, plgpu.ACC((bq, bkv), _F32))
-        plgpu.barrier_arrive(v_freed.at[slot])
-        ds = prob * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
+      @pl.loop(0, count)
+      def _(j):
+        batch, head, first = item(j)
+        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bq, bq)
+        pl.when(j + 1 < count)(lambda: load(j + 1))
+        for bar in mine:
+          plgpu.barrier_wait(bar.at[buf, wg])
+        q_tile, do_tile = q_smem.at[buf, wg], do_smem.at[buf, wg]
+        q = q_tile[...] + lax.broadcast_in_dim(io.bias_row(bias_smem.at[wg], head), (bq, p), (1,))
+        do = do_tile[...]
+        if not io.windows.exact:  # the neighbour's channels out of q and dO: they would enter S and dP
+          own = io.own_channels(head, bq)
+          q, do = jnp.where(own, q, 0), jnp.where(own, do, 0)
+          do_tile[...] = do
+        q_tile[...] = q
+        plgpu.commit_smem()
+        delta = (o_smem.at[buf, wg][...].astype(_F32) * do.astype(_F32)).sum(axis=1)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read the staging
+        delta_smem.at[wg][...] = delta
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(delta_smem.at[wg], delta_ref.at[batch, head, rows])
+        lse = plgpu.load(lse_smem.at[buf, wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
 
-        def grad(acc):
-          plgpu.wgmma(acc, ds.astype(io.dtype), k_smem.at[slot])
-        dq = pl.run_state(grad)(plgpu.ACC.init(dq))
-        plgpu.barrier_arrive(k_freed.at[slot])
-        return dq
+        def step(i, dq):
+          slot = lax.rem(j * steps + i, stages)  # this program's (j * steps + i)-th key step
+          plgpu.barrier_wait(k_loaded.at[slot])
 
-      dq = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((bq, p), _F32), plgpu.Layout.WGMMA))
-      io.store_own(dq * scale, staging.at[wg], dq_ref, batch, rows, head)
+          def logits(acc):
+            plgpu.wgmma(acc, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+            return acc[...]
+          s = pl.run_scoped(logits, plgpu.ACC((bq, bkv), _F32))
+          prob = jnp.exp2(s * c - lax.broadcast_in_dim(lse, s.shape, (0,)))
+          plgpu.barrier_wait(v_loaded.at[slot])
+
+          def dprob(acc):
+            plgpu.wgmma(acc, do_tile, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+            return acc[...]
+          dp = pl.run_scoped(dprob, plgpu.ACC((bq, bkv), _F32))
+          plgpu.barrier_arrive(v_freed.at[slot])
+          ds = prob * (dp - lax.broadcast_in_dim(delta, dp.shape, (0,)))
+
+          def grad(acc):
+            plgpu.wgmma(acc, ds.astype(io.dtype), k_smem.at[slot])
+          dq = pl.run_state(grad)(plgpu.ACC.init(dq))
+          plgpu.barrier_arrive(k_freed.at[slot])
+          return dq
+
+        dq = lax.fori_loop(0, steps, step, plgpu.layout_cast(jnp.zeros((bq, p), _F32), plgpu.Layout.WGMMA))
+        io.store_own(dq * scale, staging.at[wg], dq_ref, batch, rows, head)
+
       plgpu.wait_smem_to_gmem(0)
 
-    def fetch(i, slot):
-      keys = pl.ds(i * bkv, bkv)
+    def fetch(ring, slot):
+      batch, head, _ = item(lax.div(ring, steps))
+      keys = pl.ds(lax.rem(ring, steps) * bkv, bkv)
       io.copy_window(qkv_ref, 1, 3, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
       io.copy_window(qkv_ref, 2, 3, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
-    pl.when(wg == 2)(lambda: _stream(steps, stages, (k_freed, v_freed), fetch))
+    pl.when(wg == 2)(lambda: _stream(total, stages, (k_freed, v_freed), fetch))
 
   def entry(qkv_ref, o_ref, do_ref, bias_ref, lse_ref, dq_ref, delta_ref):
     smem = [_row_tile(io, bq)] * 3  # q, o, dO
-    smem += [plgpu.SMEM((2, bq, d), io.dtype), plgpu.SMEM((2, bq), _F32), plgpu.SMEM((2, bq), _F32)]
+    smem += [plgpu.SMEM((2, bq, d), io.dtype), plgpu.SMEM((2, 2, bq), _F32)]  # dq staging; lse (buffer, warpgroup)
+    smem += [plgpu.SMEM((2, bq), _F32)]  # delta staging
     smem += [plgpu.SMEM((stages, bkv, p), io.dtype, transforms=io.transforms)] * 2  # k, v
     smem += [plgpu.SMEM((2, *bias_rows.shape), io.dtype)]
     pl.run_scoped(
         functools.partial(body, qkv_ref, o_ref, do_ref, bias_ref, lse_ref, dq_ref, delta_ref), smem,
-        tuple(plgpu.Barrier(num_barriers=2) for _ in range(5)),  # a warpgroup's q, o, dO, lse, bias
+        tuple(plgpu.Barrier(num_barriers=(2, 2)) for _ in range(4)),  # q, o, dO, lse of a (buffer, warpgroup)
+        plgpu.Barrier(num_barriers=2),  # a warpgroup's bias
         plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         collective_axes="wg")
 
-  o, do = io.view(o, 1), io.view(do, 1)
-  call = _launch(entry, (jax.ShapeDtypeStruct(o.shape, io.dtype), jax.ShapeDtypeStruct((b, h, n), _F32)),
-                 b * h * q_tiles)
-  return call(io.view(qkv, 3), o, do, bias_rows, lse)
+  one_part = jax.ShapeDtypeStruct(io.view(o, 1).shape, io.dtype)
+  call = _launch(entry, (one_part, jax.ShapeDtypeStruct((b, h, n), _F32)), min(num_sms, items))
+  return call(io.view(qkv, 3), io.view(o, 1), io.view(do, 1), bias_rows, lse)
 
 
-def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles):
+def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles, num_sms: int):
   """dk and dv in parts 1 and 2 of a 3-part view (part 0 is left unwritten)."""
   b, n, _, h, d = qkv.shape
   io, c, scale = _geometry(qkv)
   p, bk, bq, stages = io.windows.width, _ROWS, tiles.dkv_block_q, tiles.dkv_stages
   steps, k_tiles = n // bq, n // (2 * bk)
+  items = b * h * k_tiles
 
-  def body(qkv_ref, do_ref, bias_ref, lse_ref, delta_ref, dkv_ref, smem, mine, loaded, freed):
+  def body(qkv_ref, do_ref, bias_ref, lse_ref, delta_ref, dkv_ref, smem, mine, bias_loaded, loaded, freed):
     k_smem, v_smem, staging, q_smem, do_smem, lse_smem, delta_smem, bias_smem = smem
     q_loaded, do_loaded, lse_loaded, delta_loaded = loaded
     wg = lax.axis_index("wg")
-    batch, head, first = _program(k_tiles, h)
+    count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
+    total = count * steps  # this program's query steps, one ring of stages across items
+    item = functools.partial(_item, heads=h, tiles_per_head=k_tiles, rows=bk)
 
-    @pl.when(wg < 2)
+    @pl.when((wg < 2) & (count > 0))
     def _compute():
       plgpu.set_max_registers(232, action="increase")
-      rows = pl.ds(first + wg * bk, bk)
-      io.copy_window(qkv_ref, 1, 3, batch, head, rows, k_smem.at[wg], mine[0].at[wg])
-      io.copy_window(qkv_ref, 2, 3, batch, head, rows, v_smem.at[wg], mine[1].at[wg])
-      plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], mine[2].at[wg])
-      for bar in mine:
-        plgpu.barrier_wait(bar.at[wg])
-      k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
-      k = k_tile[...]
-      if not io.windows.exact:  # the neighbour's channels out of k and v: they would enter S^T and dP^T
-        own = io.own_channels(head, bk)
-        k = jnp.where(own, k, 0)
-        k_tile[...] = k
-        v_tile[...] = jnp.where(own, v_tile[...], 0)
-      plgpu.commit_smem()
-      bias = io.bias_row(bias_smem.at[wg], head).astype(_F32)
-      kb = (k.astype(_F32) * lax.broadcast_in_dim(bias, (bk, p), (1,))).sum(axis=1)  # q's bias in key j's logits
 
-      def step(i, carry):
-        dk, dv, ds_sum = carry
-        slot = lax.rem(i, stages)
-        plgpu.barrier_wait(q_loaded.at[slot])
-        plgpu.barrier_wait(lse_loaded.at[slot])
+      def load(j):
+        """This warpgroup's k and v rows of item j, into buffer j % 2."""
+        batch, head, first = item(j)
+        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bk, bk)
+        io.copy_window(qkv_ref, 1, 3, batch, head, rows, k_smem.at[buf, wg], mine[0].at[buf, wg])
+        io.copy_window(qkv_ref, 2, 3, batch, head, rows, v_smem.at[buf, wg], mine[1].at[buf, wg])
 
-        def logits(acc):
-          plgpu.wgmma(acc, k_tile, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-          return acc[...]
-        st = pl.run_scoped(logits, plgpu.ACC((bk, bq), _F32))
-        lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-        pt = jnp.exp2((st + lax.broadcast_in_dim(kb, st.shape, (0,))) * c - lax.broadcast_in_dim(lse, st.shape, (1,)))
-        plgpu.barrier_wait(do_loaded.at[slot])
+      plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
+      load(0)
+      plgpu.barrier_wait(bias_loaded.at[wg])
 
-        def values(acc):
-          plgpu.wgmma(acc, pt.astype(io.dtype), do_smem.at[slot])
-        dv = pl.run_state(values)(plgpu.ACC.init(dv))
+      @pl.loop(0, count)
+      def _(j):
+        batch, head, first = item(j)
+        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bk, bk)
+        pl.when(j + 1 < count)(lambda: load(j + 1))
+        for bar in mine:
+          plgpu.barrier_wait(bar.at[buf, wg])
+        k_tile, v_tile = k_smem.at[buf, wg], v_smem.at[buf, wg]
+        k = k_tile[...]
+        if not io.windows.exact:  # the neighbour's channels out of k and v: they would enter S^T and dP^T
+          own = io.own_channels(head, bk)
+          k = jnp.where(own, k, 0)
+          k_tile[...] = k
+          v_tile[...] = jnp.where(own, v_tile[...], 0)
+        plgpu.commit_smem()
+        bias = io.bias_row(bias_smem.at[wg], head).astype(_F32)
+        kb = (k.astype(_F32) * lax.broadcast_in_dim(bias, (bk, p), (1,))).sum(axis=1)  # q's bias in key j's logits
 
-        def dprob(acc):
-          plgpu.wgmma(acc, v_tile, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
-          return acc[...]
-        dpt = pl.run_scoped(dprob, plgpu.ACC((bk, bq), _F32))
-        plgpu.barrier_wait(delta_loaded.at[slot])
-        delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-        dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
-        ds_sum = ds_sum + dst.sum(axis=1)
+        def step(i, carry):
+          dk, dv, ds_sum = carry
+          slot = lax.rem(j * steps + i, stages)
+          plgpu.barrier_wait(q_loaded.at[slot])
+          plgpu.barrier_wait(lse_loaded.at[slot])
 
-        def keys(acc):
-          plgpu.wgmma(acc, dst.astype(io.dtype), q_smem.at[slot])
-        dk = pl.run_state(keys)(plgpu.ACC.init(dk))
-        plgpu.barrier_arrive(freed.at[slot])
-        return dk, dv, ds_sum
+          def logits(acc):
+            plgpu.wgmma(acc, k_tile, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+            return acc[...]
+          st = pl.run_scoped(logits, plgpu.ACC((bk, bq), _F32))
+          lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+          pt = jnp.exp2((st + lax.broadcast_in_dim(kb, st.shape, (0,))) * c
+                        - lax.broadcast_in_dim(lse, st.shape, (1,)))
+          plgpu.barrier_wait(do_loaded.at[slot])
 
-      zeros = plgpu.layout_cast(jnp.zeros((bk, p), _F32), plgpu.Layout.WGMMA)
-      no_sum = plgpu.layout_cast(jnp.zeros((bk,), _F32), plgpu.Layout.WGMMA.reduce(1))
-      dk, dv, ds_sum = lax.fori_loop(0, steps, step, (zeros, zeros, no_sum))
-      dk = dk + lax.broadcast_in_dim(ds_sum, dk.shape, (0,)) * lax.broadcast_in_dim(bias, dk.shape, (1,))
-      io.store_own(dk * scale, staging.at[wg, 0], dkv_ref, batch, rows, head, part=1, parts=3)
-      io.store_own(dv, staging.at[wg, 1], dkv_ref, batch, rows, head, part=2, parts=3)
+          def values(acc):
+            plgpu.wgmma(acc, pt.astype(io.dtype), do_smem.at[slot])
+          dv = pl.run_state(values)(plgpu.ACC.init(dv))
+
+          def dprob(acc):
+            plgpu.wgmma(acc, v_tile, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+            return acc[...]
+          dpt = pl.run_scoped(dprob, plgpu.ACC((bk, bq), _F32))
+          plgpu.barrier_wait(delta_loaded.at[slot])
+          delta = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+          dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, (1,)))
+          ds_sum = ds_sum + dst.sum(axis=1)
+
+          def keys(acc):
+            plgpu.wgmma(acc, dst.astype(io.dtype), q_smem.at[slot])
+          dk = pl.run_state(keys)(plgpu.ACC.init(dk))
+          plgpu.barrier_arrive(freed.at[slot])
+          return dk, dv, ds_sum
+
+        zeros = plgpu.layout_cast(jnp.zeros((bk, p), _F32), plgpu.Layout.WGMMA)
+        no_sum = plgpu.layout_cast(jnp.zeros((bk,), _F32), plgpu.Layout.WGMMA.reduce(1))
+        dk, dv, ds_sum = lax.fori_loop(0, steps, step, (zeros, zeros, no_sum))
+        dk = dk + lax.broadcast_in_dim(ds_sum, dk.shape, (0,)) * lax.broadcast_in_dim(bias, dk.shape, (1,))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores have read the staging
+        io.store_own(dk * scale, staging.at[wg, 0], dkv_ref, batch, rows, head, part=1, parts=3)
+        io.store_own(dv, staging.at[wg, 1], dkv_ref, batch, rows, head, part=2, parts=3)
+
       plgpu.wait_smem_to_gmem(0)
 
-    def fetch(i, slot):
-      queries = pl.ds(i * bq, bq)
+    def fetch(ring, slot):
+      batch, head, _ = item(lax.div(ring, steps))
+      queries = pl.ds(lax.rem(ring, steps) * bq, bq)
       io.copy_window(qkv_ref, 0, 3, batch, head, queries, q_smem.at[slot], q_loaded.at[slot])
       io.copy_window(do_ref, 0, 1, batch, head, queries, do_smem.at[slot], do_loaded.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, queries], lse_smem.at[slot], lse_loaded.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, queries], delta_smem.at[slot], delta_loaded.at[slot])
-    pl.when(wg == 2)(lambda: _stream(steps, stages, (freed,), fetch))
+    pl.when(wg == 2)(lambda: _stream(total, stages, (freed,), fetch))
 
   def entry(qkv_ref, do_ref, bias_ref, lse_ref, delta_ref, dkv_ref):
     smem = [_row_tile(io, bk)] * 2  # k, v
@@ -272,26 +319,27 @@ def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles):
     smem += [plgpu.SMEM((2, *bias_rows.shape), io.dtype)]
     pl.run_scoped(
         functools.partial(body, qkv_ref, do_ref, bias_ref, lse_ref, delta_ref, dkv_ref), smem,
-        tuple(plgpu.Barrier(num_barriers=2) for _ in range(3)),  # a warpgroup's k, v, bias
+        tuple(plgpu.Barrier(num_barriers=(2, 2)) for _ in range(2)),  # k, v of a (buffer, warpgroup)
+        plgpu.Barrier(num_barriers=2),  # a warpgroup's bias
         tuple(plgpu.Barrier(num_barriers=stages) for _ in range(4)),  # q, dO, lse, delta of a slot
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # both compute warpgroups are done with a slot
         collective_axes="wg")
 
-  qkv = io.view(qkv, 3)
-  call = _launch(entry, jax.ShapeDtypeStruct(qkv.shape, io.dtype), b * h * k_tiles)
-  return call(qkv, io.view(do, 1), bias_rows, lse, delta)
+  call = _launch(entry, jax.ShapeDtypeStruct(io.view(qkv, 3).shape, io.dtype), min(num_sms, items))
+  return call(io.view(qkv, 3), io.view(do, 1), bias_rows, lse, delta)
 
 
-def backward(qkv, q_bias, o, lse, do, tiles: Tiles = Tiles()):
+def backward(qkv, q_bias, o, lse, do, tiles: Tiles = Tiles(), num_sms: int | None = None):
   """Gradients of `hopper_attention`'s output o with respect to its packed (B, N, 3, H, d) operand and q's (H, d)
   bias, given o's cotangent do and the forward's log-sum-exp (B, H, N): (dqkv, each example's q-bias gradient
-  (B, H, d) float32), for shapes `hopper_attention.fits` and `fits` take. XLA writes dq into the dk/dv kernel's
-  output in place of its unwritten part 0."""
+  (B, H, d) float32), for shapes `hopper_attention.fits` and `fits` take, on `num_sms` persistent programs (the
+  device's SM count by default). XLA writes dq into the dk/dv kernel's output in place of its unwritten part 0."""
+  num_sms = num_sms or sm_count()
   b, n, _, h, d = qkv.shape
   bias_rows = Windows(h, d).bias_rows(q_bias, qkv.dtype)
-  dq, delta = _dq_call(qkv, o, do, bias_rows, lse, tiles)
+  dq, delta = _dq_call(qkv, o, do, bias_rows, lse, tiles, num_sms)
   dq = dq.reshape(b, n, 1, h, d)
-  dkv = _dkv_call(qkv, do, bias_rows, lse, delta, tiles).reshape(qkv.shape)
+  dkv = _dkv_call(qkv, do, bias_rows, lse, delta, tiles, num_sms).reshape(qkv.shape)
   return lax.dynamic_update_slice(dkv, dq, (0, 0, 0, 0, 0)), dq[:, :, 0].astype(_F32).sum(axis=1)
 
 
@@ -322,8 +370,9 @@ def attention(qkv, q_bias, *, num_sms: int | None = None):
 
   def backward_rule(residuals, do):
     qkv, q_bias, o, lse = residuals
-    dqkv, bias_sums = batch_partitioned(lambda qkv, q_bias, o, lse, do: backward(qkv, q_bias, o, lse, do),
-                                        replicated=(1,))(qkv, q_bias, o, lse, do)
+    dqkv, bias_sums = batch_partitioned(
+        lambda qkv, q_bias, o, lse, do: backward(qkv, q_bias, o, lse, do, num_sms=num_sms),
+        replicated=(1,))(qkv, q_bias, o, lse, do)
     return dqkv, bias_sums.sum(axis=0).astype(q_bias.dtype)
 
   call.defvjp(forward_rule, backward_rule)
@@ -331,9 +380,9 @@ def attention(qkv, q_bias, *, num_sms: int | None = None):
 
 
 def pays_off(heads_shape) -> bool:
-  """Where MHA's "auto" trains on these kernels rather than on cuDNN: nowhere yet. An 8-layer DiT-XL/2 train step
-  (batch 256, 256 tokens) on an H200 took 109.2-109.7 ms on them against 110.6-111.7 on cuDNN, with the same losses
-  over four steps (2026-11-30), but the whole 28-layer step, its peak memory and PyTorch in the same call have not
-  been measured with them (README, Measured): until they are, "mosaic" asks for them."""
-  del heads_shape
-  return False
+  """Where MHA's "auto" trains on these kernels rather than on cuDNN: where the forward kernel pays off, up to the
+  4,096 tokens the backward was measured at. benchmarks/hopper_attention_grad.py on an H200 (16 heads of 72, bf16,
+  2026-11-30; the whole MHA operator forward and backward, non-persistent backward kernels): 256 x 256 tokens 4.25
+  against cuDNN's 4.56 ms, 64 x 1,024 6.45 against 6.86, 2 x 4,096 1.95 against 2.14; an 8-layer DiT-XL/2 train
+  step 109.2-109.7 against 110.6-111.7 ms with the same losses over four steps."""
+  return hopper_attention.pays_off(heads_shape) and heads_shape[1] <= 4096

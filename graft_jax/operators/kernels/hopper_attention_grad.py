@@ -42,8 +42,8 @@ _ROWS = 64  # rows (queries or keys) a compute warpgroup owns: wgmma's M
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """Keys a dq step takes and its stages; queries a dk/dv step takes and its stages. Chosen on an H200 at DiT-XL/2's
-  batch-256 shape (ms, each kernel alone): dq 0.540 for 64 keys x 3 stages, 0.569-0.574 for 128 x 2 or 3; dk/dv
-  0.661 for 128 queries x 2 stages, 0.677-0.708 for 64 x 2 or 3."""
+  batch-256 shape (ms, each kernel alone, a program an item): dq 0.540 for 64 keys x 3 stages, 0.569-0.574 for
+  128 x 2 or 3; dk/dv 0.661 for 128 queries x 2 stages, 0.677-0.708 for 64 x 2 or 3."""
   dq_block_kv: int = 64
   dq_stages: int = 3
   dkv_block_q: int = 128
@@ -383,6 +383,7 @@ def pays_off(heads_shape) -> bool:
   """Where MHA's "auto" trains on these kernels rather than on cuDNN: where the forward kernel pays off, up to the
   4,096 tokens the backward was measured at. benchmarks/hopper_attention_grad.py on an H200 (16 heads of 72, bf16,
   2026-11-30; the whole MHA operator forward and backward, non-persistent backward kernels): 256 x 256 tokens 4.25
-  against cuDNN's 4.56 ms, 64 x 1,024 6.45 against 6.86, 2 x 4,096 1.95 against 2.14; an 8-layer DiT-XL/2 train
-  step 109.2-109.7 against 110.6-111.7 ms with the same losses over four steps."""
+  against cuDNN's 4.56 ms, 64 x 1,024 6.45 against 6.86, 2 x 4,096 1.95 against 2.14. On the persistent kernels an
+  8-layer DiT-XL/2 train step took 107.8-108.6 against 110.6-111.3 ms (losses equal to 2e-5), and the whole batch-256
+  step 373.1 ms against 385.1 the call before on cuDNN's backward (README, Measured)."""
   return hopper_attention.pays_off(heads_shape) and heads_shape[1] <= 4096

@@ -98,6 +98,26 @@ def _item(j, heads: int, tiles_per_head: int, rows: int):
   return batch, head, tile * 2 * rows
 
 
+def _walk(wg, count, size: int, item, load, mine, bias, work):
+  """A compute warpgroup's loop over its program's `count` work items: q's bias (`bias`: its ref, this warpgroup's
+  shared memory and barrier) copied once, item 0's own rows loading before the loop and item j + 1's while item j
+  computes (`load(j)` into buffer j % 2, arriving on the barriers `mine`), then work(j, buf, batch, head, rows) once
+  item j's rows, this warpgroup's `size` of them, have landed."""
+  bias_ref, bias_smem, bias_loaded = bias
+  plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
+  load(0)
+  plgpu.barrier_wait(bias_loaded.at[wg])
+
+  @pl.loop(0, count)
+  def _(j):
+    batch, head, first = item(j)
+    buf, rows = lax.rem(j, 2), pl.ds(first + wg * size, size)
+    pl.when(j + 1 < count)(lambda: load(j + 1))
+    for bar in mine:
+      plgpu.barrier_wait(bar.at[buf, wg])
+    work(j, buf, batch, head, rows)
+
+
 def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles, num_sms: int):
   """(dq as a 1-part view, delta (B, H, N) float32)."""
   b, n, _, h, d = qkv.shape
@@ -127,17 +147,8 @@ def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles, num_sms: int):
           io.copy_window(ref, 0, parts, batch, head, rows, dst.at[buf, wg], bar.at[buf, wg])
         plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[buf, wg], mine[3].at[buf, wg])
 
-      plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
-      load(0)
-      plgpu.barrier_wait(bias_loaded.at[wg])
-
-      @pl.loop(0, count)
-      def _(j):
-        batch, head, first = item(j)
-        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bq, bq)
-        pl.when(j + 1 < count)(lambda: load(j + 1))
-        for bar in mine:
-          plgpu.barrier_wait(bar.at[buf, wg])
+      @functools.partial(_walk, wg, count, bq, item, load, mine, (bias_ref, bias_smem, bias_loaded))
+      def _(j, buf, batch, head, rows):
         q_tile, do_tile = q_smem.at[buf, wg], do_smem.at[buf, wg]
         q = q_tile[...] + lax.broadcast_in_dim(io.bias_row(bias_smem.at[wg], head), (bq, p), (1,))
         do = do_tile[...]
@@ -236,17 +247,8 @@ def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles, num_sms: int):
         io.copy_window(qkv_ref, 1, 3, batch, head, rows, k_smem.at[buf, wg], mine[0].at[buf, wg])
         io.copy_window(qkv_ref, 2, 3, batch, head, rows, v_smem.at[buf, wg], mine[1].at[buf, wg])
 
-      plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
-      load(0)
-      plgpu.barrier_wait(bias_loaded.at[wg])
-
-      @pl.loop(0, count)
-      def _(j):
-        batch, head, first = item(j)
-        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bk, bk)
-        pl.when(j + 1 < count)(lambda: load(j + 1))
-        for bar in mine:
-          plgpu.barrier_wait(bar.at[buf, wg])
+      @functools.partial(_walk, wg, count, bk, item, load, mine, (bias_ref, bias_smem, bias_loaded))
+      def _(j, buf, batch, head, rows):
         k_tile, v_tile = k_smem.at[buf, wg], v_smem.at[buf, wg]
         k = k_tile[...]
         if not io.windows.exact:  # the neighbour's channels out of k and v: they would enter S^T and dP^T

@@ -18,9 +18,8 @@ from jax.sharding import PartitionSpec as P
 from graft_jax.data.arrays import ArrayIterator
 from graft_jax.models import DiT, dit_config
 from graft_jax.operators.init import LinearWeights
-from graft_jax.train import finetune, partition, state as train_state
+from graft_jax.train import finetune, metrics, partition, state as train_state
 from graft_jax.train.checkpoint import Checkpointer
-from graft_jax.train import metrics
 from graft_jax.train.metrics import NonFiniteError
 
 BATCH = 8

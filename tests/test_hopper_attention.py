@@ -36,15 +36,18 @@ def _mha(backend: str, tokens: int, dtype=jnp.bfloat16):
   return module, params, x
 
 
+def _export_for_cuda(fn, *args):
+  """jax.export of jit(fn) for CUDA on this CPU machine: Mosaic's own checks run as it lowers the kernels."""
+  return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")])(*args)
+
+
 @pytest.mark.parametrize("tokens", [512, 256])
 def test_mha_lowers_to_the_kernel(tokens):
   # 512 tokens: items of two 256-key steps; 256 tokens: of two 128-key steps (three stages); two items of 128
   # queries per (batch, head), on persistent programs.
   module, params, x = _mha("mosaic", tokens)
-  exported = jax.export.export(
-      jax.jit(module.apply), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
-  )(params, x)
+  exported = _export_for_cuda(module.apply, params, x)
   assert "mosaic_gpu" in exported.mlir_module()
   assert exported.out_avals[0].shape == x.shape
 
@@ -68,10 +71,7 @@ def test_differentiated_mosaic_mha_lowers_to_the_backward_kernels(tokens):
   # cuDNN anywhere, and gradients for every parameter and the input.
   module, params, x = _mha("mosaic", tokens)
   loss = lambda params, x: module.apply(params, x).astype(jnp.float32).sum()
-  exported = jax.export.export(
-      jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
-  )(params, x)
+  exported = _export_for_cuda(jax.grad(loss, argnums=(0, 1)), params, x)
   module_text = exported.mlir_module()
   assert len(re.findall(r"custom_call @mosaic_gpu", module_text)) == 3
   assert "cudnn" not in module_text
@@ -87,9 +87,9 @@ def test_kernels_fit_in_shared_memory_at_the_models_heads(tokens):
   qkv = jax.ShapeDtypeStruct((2, tokens, 3, 16, HEAD_DIM), jnp.bfloat16)
   q_bias, do = jax.ShapeDtypeStruct((16, HEAD_DIM), jnp.bfloat16), jax.ShapeDtypeStruct(heads_shape, jnp.bfloat16)
   assert hopper_attention_grad.fits_train(heads_shape, jnp.bfloat16)
-  calls = {"forward": (lambda qkv, q_bias: hopper_attention.attention(qkv, q_bias, softmax_attention), (qkv, q_bias)),
-           "forward and backward": (lambda qkv, q_bias, do: jax.vjp(hopper_attention_grad.attention, qkv, q_bias)[1](do),
-                                    (qkv, q_bias, do))}
+  forward = lambda qkv, q_bias: hopper_attention.attention(qkv, q_bias, softmax_attention)
+  gradients = lambda qkv, q_bias, do: jax.vjp(hopper_attention_grad.attention, qkv, q_bias)[1](do)
+  calls = {"forward": (forward, (qkv, q_bias)), "forward and backward": (gradients, (qkv, q_bias, do))}
   for name, (fn, args) in calls.items():
     module_text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert module_text.count("custom_call @mosaic_gpu") == (1 if name == "forward" else 3), name
@@ -106,10 +106,7 @@ def test_remat_keeps_what_the_backward_kernels_read(remat, kernel_calls):
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0)))
   x, labels = jnp.zeros((2, 32, 32, 4), jnp.bfloat16), jnp.zeros((2,), jnp.int32)  # 256 tokens
   loss = lambda params: DiT(cfg).apply({"params": params}, x, labels, labels).astype(jnp.float32).sum()
-  exported = jax.export.export(
-      jax.jit(jax.grad(loss)), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
-  )(params)
+  exported = _export_for_cuda(jax.grad(loss), params)
   assert len(re.findall(r"custom_call @mosaic_gpu", exported.mlir_module())) == kernel_calls
 
 

@@ -157,6 +157,13 @@ def work_item(program, programs: int, j, heads: int, q_tiles: int):
   return lax.div(index, q_tiles * heads), lax.rem(lax.div(index, q_tiles), heads), lax.rem(index, q_tiles)
 
 
+def first_rows(j, heads: int, tiles_per_head: int, rows: int):
+  """(batch, head, first row) of this program's j-th work item of 2 x `rows` rows (a compute warpgroup's each), in
+  `work_item`'s order; the forward's and the backward kernels' programs walk their items with it."""
+  batch, head, tile = work_item(lax.axis_index("sm"), lax.axis_size("sm"), j, heads, tiles_per_head)
+  return batch, head, tile * 2 * rows
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadIO:
   """How the kernels (this forward, `hopper_attention_grad`'s backward) move heads between memory and registers:
@@ -231,10 +238,7 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int, with_lse: bool = False
   # Logits in base 2: exp(s / sqrt(d)) = exp2(s * c).
   c = math.log2(math.e) / math.sqrt(d)
 
-  def item(j):
-    """(batch, head, first query) of this program's j-th item."""
-    batch, head, q_tile = work_item(lax.axis_index("sm"), lax.axis_size("sm"), j, h, q_tiles)
-    return batch, head, q_tile * 2 * bq
+  item = functools.partial(first_rows, heads=h, tiles_per_head=q_tiles, rows=bq)  # (batch, head, first query)
 
   def body(qkv_ref, bias_ref, o_ref, lse_ref, smem, loaded, freed, turn):
     q_smem, o_smem, lse_smem, k_smem, v_smem, bias_smem = smem

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from graft_jax.operators.kernels import batch_partitioned, hopper_attention, sm_count
-from graft_jax.operators.kernels.hopper_attention import HeadIO, Windows, items_of, work_item
+from graft_jax.operators.kernels.hopper_attention import HeadIO, Windows, first_rows, items_of
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -91,28 +91,25 @@ def _row_tile(io: HeadIO, rows: int):
   return plgpu.SMEM((2, 2, rows, io.windows.width), io.dtype, transforms=io.transforms)
 
 
-def _item(j, heads: int, tiles_per_head: int, rows: int):
-  """(batch, head, first row) of this program's j-th work item of 2 x `rows` rows (`hopper_attention.work_item`'s
-  order: neighbouring programs take neighbouring tiles of one head, whose other side they then share in L2)."""
-  batch, head, tile = work_item(lax.axis_index("sm"), lax.axis_size("sm"), j, heads, tiles_per_head)
-  return batch, head, tile * 2 * rows
-
-
 def _walk(wg, count, size: int, item, load, mine, bias, work):
   """A compute warpgroup's loop over its program's `count` work items: q's bias (`bias`: its ref, this warpgroup's
   shared memory and barrier) copied once, item 0's own rows loading before the loop and item j + 1's while item j
-  computes (`load(j)` into buffer j % 2, arriving on the barriers `mine`), then work(j, buf, batch, head, rows) once
-  item j's rows, this warpgroup's `size` of them, have landed."""
+  computes (load(buf, batch, head, rows) into buffer j % 2, arriving on the barriers `mine`), then
+  work(j, buf, batch, head, rows) once item j's rows, this warpgroup's `size` of them, have landed."""
+  def place(j):
+    """(buffer, batch, head, this warpgroup's rows) of item j."""
+    batch, head, first = item(j)
+    return lax.rem(j, 2), batch, head, pl.ds(first + wg * size, size)
+
   bias_ref, bias_smem, bias_loaded = bias
   plgpu.copy_gmem_to_smem(bias_ref, bias_smem.at[wg], bias_loaded.at[wg])
-  load(0)
+  load(*place(0))
   plgpu.barrier_wait(bias_loaded.at[wg])
 
   @pl.loop(0, count)
   def _(j):
-    batch, head, first = item(j)
-    buf, rows = lax.rem(j, 2), pl.ds(first + wg * size, size)
-    pl.when(j + 1 < count)(lambda: load(j + 1))
+    buf, batch, head, rows = place(j)
+    pl.when(j + 1 < count)(lambda: load(*place(j + 1)))
     for bar in mine:
       plgpu.barrier_wait(bar.at[buf, wg])
     work(j, buf, batch, head, rows)
@@ -132,16 +129,14 @@ def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles, num_sms: int):
     wg = lax.axis_index("wg")
     count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
     total = count * steps  # this program's key steps, which go through one ring of stages across items
-    item = functools.partial(_item, heads=h, tiles_per_head=q_tiles, rows=bq)
+    item = functools.partial(first_rows, heads=h, tiles_per_head=q_tiles, rows=bq)
 
     @pl.when((wg < 2) & (count > 0))
     def _compute():
       plgpu.set_max_registers(232, action="increase")
 
-      def load(j):
-        """This warpgroup's q, o, dO and log-sum-exp rows of item j, into buffer j % 2."""
-        batch, head, first = item(j)
-        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bq, bq)
+      def load(buf, batch, head, rows):
+        """This warpgroup's q, o, dO and log-sum-exp rows of an item, into buffer `buf`."""
         for ref, parts, dst, bar in ((qkv_ref, 3, q_smem, mine[0]), (o_ref, 1, o_smem, mine[1]),
                                      (do_ref, 1, do_smem, mine[2])):
           io.copy_window(ref, 0, parts, batch, head, rows, dst.at[buf, wg], bar.at[buf, wg])
@@ -234,16 +229,14 @@ def _dkv_call(qkv, do, bias_rows, lse, delta, tiles: Tiles, num_sms: int):
     wg = lax.axis_index("wg")
     count = items_of(lax.axis_index("sm"), lax.axis_size("sm"), items)
     total = count * steps  # this program's query steps, one ring of stages across items
-    item = functools.partial(_item, heads=h, tiles_per_head=k_tiles, rows=bk)
+    item = functools.partial(first_rows, heads=h, tiles_per_head=k_tiles, rows=bk)
 
     @pl.when((wg < 2) & (count > 0))
     def _compute():
       plgpu.set_max_registers(232, action="increase")
 
-      def load(j):
-        """This warpgroup's k and v rows of item j, into buffer j % 2."""
-        batch, head, first = item(j)
-        buf, rows = lax.rem(j, 2), pl.ds(first + wg * bk, bk)
+      def load(buf, batch, head, rows):
+        """This warpgroup's k and v rows of an item, into buffer `buf`."""
         io.copy_window(qkv_ref, 1, 3, batch, head, rows, k_smem.at[buf, wg], mine[0].at[buf, wg])
         io.copy_window(qkv_ref, 2, 3, batch, head, rows, v_smem.at[buf, wg], mine[1].at[buf, wg])
 

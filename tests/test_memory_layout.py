@@ -70,10 +70,11 @@ def test_elementwise_remat_saves_between_dots_and_none():
   saved = {remat: sum(r.size for r in jax.tree.leaves(jax.vjp(lambda p: loss(cfg.replace(remat=remat), p), params)[1]))
            for remat in ("none", "elementwise", "dots")}
   tokens, width = 2 * 16, 32  # batch 2 of a 4 x 4 patch grid
-  # Beyond the matmul outputs: each layer's attention output (width), GELU output (4 x width) and its two
-  # LayerNorms' statistics (mean and reciprocal deviation a token each). q is kept with its bias in place of its
-  # matmul's output, so elementwise does not hold q's bias (width) to add it again, as dots does.
-  assert saved["elementwise"] - saved["dots"] == cfg.depth * (tokens * (5 * width + 2 * 2) - width)
+  # Beyond the matmul outputs: each layer's attention output (width), the attention's residual sum (width), GELU
+  # output (4 x width) and its two LayerNorms' statistics (mean and reciprocal deviation a token each). q is kept
+  # with its bias in place of its matmul's output, so elementwise does not hold q's bias (width) to add it again, as
+  # dots does.
+  assert saved["elementwise"] - saved["dots"] == cfg.depth * (tokens * (6 * width + 2 * 2) - width)
   assert saved["none"] > 1.5 * saved["elementwise"]
 
 

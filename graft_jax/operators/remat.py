@@ -5,9 +5,10 @@
   DiT-XL/2 step peaks at 101 GB on an H200.
 - elementwise: matmul outputs, cuDNN attention's outputs (with its softmax statistics, so the backward kernel runs
   without a second forward) and the results tagged `kept` (the GELU output, and on the MLP's Hopper kernels its
-  derivative; LayerNorm's per-token statistics; attention's q with its bias). Norms, modulation, residual adds and,
-  on XLA's MLP, the GELU's derivative are recomputed inside the backward fusions that read their inputs anyway (the
-  same step: 74 GB).
+  derivative; LayerNorm's per-token statistics; attention's q with its bias; a DiT block's residual sum after
+  attention, which the MLP norm's backward reads). Norms, modulation, the other residual adds and, on XLA's MLP,
+  the GELU's derivative are recomputed inside the backward fusions that read their inputs anyway (the same step:
+  77 GB, the benchmark holding a float32 copy of the parameters besides).
 - dots: matmul outputs only; attention and all elementwise work are recomputed.
 - full: only the layer's input.
 """

@@ -58,17 +58,21 @@ def fits(n: int, tiles: Tiles = Tiles()) -> bool:
 _COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 
 
+def _programs(count: int) -> dict:
+  """`count` persistent programs (one an SM, at most one an item), three warpgroups: two compute, one memory."""
+  return dict(grid=(count,), grid_names=("sm",), num_threads=3, thread_name="wg")
+
+
 def _launch(entry, out_type, programs: int):
-  """One persistent program an SM (at most one an item), three warpgroups: two compute, one memory."""
-  return plgpu.kernel(entry, out_type=out_type, grid=(programs,), grid_names=("sm",), num_threads=3,
-                      thread_name="wg", compiler_params=_COMPILER_PARAMS)
+  """entry(*input refs, *output refs) on `_programs(programs)`."""
+  return plgpu.kernel(entry, out_type=out_type, compiler_params=_COMPILER_PARAMS, **_programs(programs))
 
 
 def _launch_in_place(entry, programs: int, *operands):
-  """`_launch`'s programs running entry(*refs) on Refs to `operands`; returns the operands as the kernel left them,
-  the ones it wrote in place (Pallas aliases a written Ref's buffer to the result; plgpu.kernel's own Ref operands
-  do not lower in jax 0.10)."""
-  mesh = plgpu.Mesh(grid=(programs,), grid_names=("sm",), num_threads=3, thread_name="wg")
+  """entry(*refs) on `_programs(programs)`, on Refs to `operands`; returns the operands as the kernel left them, the
+  ones it wrote in place (Pallas aliases a written Ref's buffer to the result; plgpu.kernel's own Ref operands do
+  not lower in jax 0.10)."""
+  mesh = plgpu.Mesh(**_programs(programs))
   return pl.run_state(lambda refs: pl.core_map(mesh, compiler_params=_COMPILER_PARAMS)(lambda: entry(*refs)))(
       operands)
 

@@ -164,6 +164,26 @@ def first_rows(j, heads: int, tiles_per_head: int, rows: int):
   return batch, head, tile * 2 * rows
 
 
+def ring_rows(item, ring, steps: int, block: int):
+  """(batch, head, rows) of a program's ring step `ring`: its work item's (batch, head), item(ring // steps), and
+  the step's `block` rows of the other side (keys, or queries in the dk/dv kernel)."""
+  batch, head, _ = item(lax.div(ring, steps))
+  return batch, head, pl.ds(lax.rem(ring, steps) * block, block)
+
+
+COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)  # exp2 as the hardware approximation
+
+
+def program_grid(count: int) -> dict:
+  """`count` persistent programs (one an SM, at most one an item), three warpgroups: two compute, one memory."""
+  return dict(grid=(count,), grid_names=("sm",), num_threads=3, thread_name="wg")
+
+
+def launch(entry, out_type, count: int):
+  """entry(*input refs, *output refs) on `program_grid(count)`: the forward's and the backward kernels' launch."""
+  return plgpu.kernel(entry, out_type=out_type, compiler_params=COMPILER_PARAMS, **program_grid(count))
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadIO:
   """How the kernels (this forward, `hopper_attention_grad`'s backward) move heads between memory and registers:
@@ -342,8 +362,8 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int, with_lse: bool = False
       plgpu.set_max_registers(40, action="decrease")
 
       def fetch(ring):
-        batch, head, _ = item(lax.div(ring, steps))
-        keys, slot = pl.ds(lax.rem(ring, steps) * bkv, bkv), lax.rem(ring, stages)
+        batch, head, keys = ring_rows(item, ring, steps, bkv)
+        slot = lax.rem(ring, stages)
         io.copy_window(qkv_ref, 1, 3, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
         io.copy_window(qkv_ref, 2, 3, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
 
@@ -373,9 +393,7 @@ def _kernel_call(qkv, q_bias, tiles: Tiles, num_sms: int, with_lse: bool = False
 
   o_type = jax.ShapeDtypeStruct((b, n, h // g, g * d), dtype)
   out_type = (o_type, jax.ShapeDtypeStruct((b, h, n), _F32)) if with_lse else o_type
-  call = plgpu.kernel(
-      entry, out_type=out_type, grid=(min(num_sms, items),), grid_names=("sm",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))
+  call = launch(entry, out_type, min(num_sms, items))
   bias = jnp.pad(q_bias.astype(dtype).reshape(h // g, g * d), ((0, 0), (0, bias_row - g * d)))
   out = call(io.view(qkv, 3), bias)
   if with_lse:

@@ -32,7 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from graft_jax.operators.kernels import batch_partitioned, hopper_attention, sm_count
-from graft_jax.operators.kernels.hopper_attention import HeadIO, Windows, first_rows, items_of
+from graft_jax.operators.kernels.hopper_attention import (COMPILER_PARAMS, HeadIO, Windows, first_rows, items_of,
+                                                           launch, program_grid, ring_rows)
 from graft_jax.operators.remat import kept
 
 _F32 = jnp.float32
@@ -55,25 +56,12 @@ def fits(n: int, tiles: Tiles = Tiles()) -> bool:
   return all(n % size == 0 for size in (2 * _ROWS, tiles.dq_block_kv, tiles.dkv_block_q))
 
 
-_COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
-
-
-def _programs(count: int) -> dict:
-  """`count` persistent programs (one an SM, at most one an item), three warpgroups: two compute, one memory."""
-  return dict(grid=(count,), grid_names=("sm",), num_threads=3, thread_name="wg")
-
-
-def _launch(entry, out_type, programs: int):
-  """entry(*input refs, *output refs) on `_programs(programs)`."""
-  return plgpu.kernel(entry, out_type=out_type, compiler_params=_COMPILER_PARAMS, **_programs(programs))
-
-
-def _launch_in_place(entry, programs: int, *operands):
-  """entry(*refs) on `_programs(programs)`, on Refs to `operands`; returns the operands as the kernel left them, the
-  ones it wrote in place (Pallas aliases a written Ref's buffer to the result; plgpu.kernel's own Ref operands do
-  not lower in jax 0.10)."""
-  mesh = plgpu.Mesh(**_programs(programs))
-  return pl.run_state(lambda refs: pl.core_map(mesh, compiler_params=_COMPILER_PARAMS)(lambda: entry(*refs)))(
+def _launch_in_place(entry, count: int, *operands):
+  """entry(*refs) on `hopper_attention.program_grid(count)`, on Refs to `operands`; returns the operands as the kernel
+  left them, the ones it wrote in place (Pallas aliases a written Ref's buffer to the result; plgpu.kernel's own Ref
+  operands do not lower in jax 0.10)."""
+  mesh = plgpu.Mesh(**program_grid(count))
+  return pl.run_state(lambda refs: pl.core_map(mesh, compiler_params=COMPILER_PARAMS)(lambda: entry(*refs)))(
       operands)
 
 
@@ -206,8 +194,7 @@ def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles, num_sms: int):
       plgpu.wait_smem_to_gmem(0)
 
     def fetch(ring, slot):
-      batch, head, _ = item(lax.div(ring, steps))
-      keys = pl.ds(lax.rem(ring, steps) * bkv, bkv)
+      batch, head, keys = ring_rows(item, ring, steps, bkv)
       io.copy_window(qkv_ref, 1, 3, batch, head, keys, k_smem.at[slot], k_loaded.at[slot])
       io.copy_window(qkv_ref, 2, 3, batch, head, keys, v_smem.at[slot], v_loaded.at[slot])
     pl.when(wg == 2)(lambda: _stream(total, stages, (k_freed, v_freed), fetch))
@@ -227,7 +214,7 @@ def _dq_call(qkv, o, do, bias_rows, lse, tiles: Tiles, num_sms: int):
         collective_axes="wg")
 
   three_parts = jax.ShapeDtypeStruct(io.view(qkv, 3).shape, io.dtype)
-  call = _launch(entry, (three_parts, jax.ShapeDtypeStruct((b, h, n), _F32)), min(num_sms, items))
+  call = launch(entry, (three_parts, jax.ShapeDtypeStruct((b, h, n), _F32)), min(num_sms, items))
   return call(io.view(qkv, 3), io.view(o, 1), io.view(do, 1), bias_rows, lse)
 
 
@@ -314,8 +301,7 @@ def _dkv_call(qkv, do, bias_rows, lse, delta, dqkv, tiles: Tiles, num_sms: int):
       plgpu.wait_smem_to_gmem(0)
 
     def fetch(ring, slot):
-      batch, head, _ = item(lax.div(ring, steps))
-      queries = pl.ds(lax.rem(ring, steps) * bq, bq)
+      batch, head, queries = ring_rows(item, ring, steps, bq)
       io.copy_window(qkv_ref, 0, 3, batch, head, queries, q_smem.at[slot], q_loaded.at[slot])
       io.copy_window(do_ref, 0, 1, batch, head, queries, do_smem.at[slot], do_loaded.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, queries], lse_smem.at[slot], lse_loaded.at[slot])

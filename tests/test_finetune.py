@@ -173,6 +173,9 @@ def test_loss_decreases_and_metrics_are_written(dit, arrays, tmp_path):
   assert rows[0]["lr"] == pytest.approx(5e-4) and rows[-1]["lr"] == pytest.approx(1e-3)
   assert rows[-1]["eta_seconds"] == 0
   assert result["step"] == 30
+  # Logged from the state after the step, outside the step (train_loop's state_metrics).
+  norm = np.sqrt(sum(np.sum(np.square(leaf)) for leaf in jax.tree.leaves(result["params"])))
+  assert rows[-1]["param_norm"] == pytest.approx(norm, rel=1e-6)
   assert max_abs_diff(result["ema"], result["params"]) > 0
   events = list((tmp_path / "finetune" / "metrics").glob("events.out.tfevents.*"))
   assert bool(events) == (importlib.util.find_spec("tensorboard") is not None)
@@ -410,6 +413,38 @@ def test_errors_a_user_can_act_on(dit, arrays, tmp_path):
   with pytest.raises(ValueError, match="batch size 6 is not divisible by the 8 devices"):
     finetune.run_finetune(config(batch_size=6), model, params, ArrayIterator(arrays, 6), tmp_path,
                           mesh=eight_devices())
+
+
+class SkippedCheckpoints:
+  def save(self, *args, **kwargs):
+    pass
+
+  def latest_step(self):
+    return None
+
+
+def test_state_metrics_are_taken_at_the_log_steps_only(tmp_path):
+  """train_loop evaluates state_metrics only on the steps the reporter writes; each written row has the value of
+  the state after its own step, while the step metrics are means over the steps since the last row."""
+  taken = []
+
+  def state_metrics(state):
+    taken.append(int(state["step"]))
+    return {"double": 2.0 * state["step"]}
+
+  def step_fn(state, batch):
+    step = state["step"] + 1
+    return {"step": step}, {"loss": jnp.float32(step)}
+
+  data = ArrayIterator({"x": np.zeros((8, 1), np.float32)}, 8)
+  with metrics.Reporter(tmp_path, 7, 3, "loop") as reporter:
+    metrics.train_loop(step_fn, {"step": 0}, data, mesh=one_device(), reporter=reporter,
+                       checkpointer=SkippedCheckpoints(), total_steps=7, checkpoint_every=100, stage="loop",
+                       state_metrics=state_metrics)
+  rows = metrics.read_metrics(tmp_path / "metrics.jsonl")
+  assert taken == [3, 6, 7]
+  assert [(row["step"], row["loss"], row["double"]) for row in rows] == [(3, 2.0, 6.0), (6, 5.0, 12.0),
+                                                                         (7, 7.0, 14.0)]
 
 
 def test_the_loop_runs_at_most_in_flight_steps_ahead(tmp_path):

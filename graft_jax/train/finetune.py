@@ -110,7 +110,7 @@ def make_train_step(config, model: nn.Module, diffusion: Diffusion, optimizer: o
   {"x", "caption": (B, L, C_text), "mask": (B, L)}.
 
   teacher_params are expected already in the compute dtype (see place_teacher). Metrics: the loss terms, grad_norm
-  (before clipping), param_norm (of the trained tree: the LoRA factors when LoRA is on) and lr.
+  (before clipping) and lr; `param_norm` is the trainer's, at log steps only.
   """
   dtype = jnp.dtype(config.compute_dtype)
   scale = lora_scale(config)
@@ -134,9 +134,14 @@ def make_train_step(config, model: nn.Module, diffusion: Diffusion, optimizer: o
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable(state))
     new_state = apply_gradients(state, grads, optimizer, config.ema_decay)
-    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads),
-                       "param_norm": optax.tree.norm(trainable(new_state)), "lr": schedule(state["step"])}
+    return new_state, {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
   return train_step
+
+
+@jax.jit
+def param_norm(state: State) -> dict[str, jax.Array]:
+  """The norm of the trained tree (the LoRA factors when LoRA is on), logged at log steps (`train_loop`)."""
+  return {"param_norm": optax.tree.norm(trainable(state))}
 
 
 def place_teacher(config, params: Any, mesh: Mesh) -> tuple[Any, Any]:
@@ -180,7 +185,7 @@ def run_finetune(config, model: nn.Module, params: Any, data: DataSource, workdi
                                  shardings, mesh, extra_shardings=extra_shardings)
     state = train_loop(step_fn, state, data, mesh=mesh, reporter=reporter, checkpointer=checkpointer,
                        total_steps=config.steps, checkpoint_every=config.checkpoint_every, stage="finetune",
-                       args=args)
+                       args=args, state_metrics=param_norm)
   scale = lora_scale(config)
   return {"params": export_params(state, scale), "ema": export_params(state, scale, ema=True),
           "step": int(state["step"]), "state": state}

@@ -105,8 +105,12 @@ class Reporter:
       # Started after the first step returns, so its compilation does not count against steps/s.
       self._progress = Progress(self.total_steps, step - 1)
     self._pending.append((step, metrics))
-    if step % self.every == 0 or step == self.total_steps:
+    if self.due(step):
       self.write(step)
+
+  def due(self, step: int) -> bool:
+    """Whether `add(step, ...)` writes: every `every` steps and at the last."""
+    return step % self.every == 0 or step == self.total_steps
 
   def check(self) -> None:
     """Fetches the recorded metrics; raises NonFiniteError at the first NaN or infinity among them."""
@@ -123,7 +127,9 @@ class Reporter:
     self.check()
     if not self._rows:
       return
-    scalars = {name: float(np.mean([row[name] for row in self._rows])) for name in self._rows[0]}
+    # A metric only some steps have (`train_loop`'s state_metrics) is the mean over those steps.
+    names = dict.fromkeys(name for row in self._rows for name in row)
+    scalars = {name: float(np.mean([row[name] for row in self._rows if name in row])) for name in names}
     scalars |= self._progress.update(step)
     self._rows = []
     if not self._writes:
@@ -165,16 +171,22 @@ IN_FLIGHT = 2
 
 def train_loop(step_fn: Callable[..., tuple[Any, Any]], state: Any, data: DataSource, *, mesh: Mesh,
                reporter: Reporter, checkpointer: Checkpointer, total_steps: int, checkpoint_every: int, stage: str,
-               args: tuple = ()) -> Any:
+               args: tuple = (), state_metrics: Callable[[Any], Mapping[str, jax.Array]] | None = None) -> Any:
   """Runs `step_fn(state, batch, *args) -> (state, metrics)` from state["step"] to `total_steps`, at most IN_FLIGHT
   steps ahead of the device.
 
   Checkpoints every `checkpoint_every` steps and at the end, each with the data position (extra["data"]), and only
   after the metrics of every step before it were found finite. Returns the final state.
+
+  `state_metrics(state)` adds metrics of the state itself to the steps the reporter writes, and only to those: a
+  parameter norm is a pass over every parameter. In the step, XLA fused it into the optimizer's update, whose
+  kernels then took 10.2 ms rather than 8.3 for DiT-XL/2 on an H200, for a number read once a log step.
   """
   in_flight = collections.deque()
   for step in range(int(state["step"]) + 1, total_steps + 1):
     state, metrics = step_fn(state, partition.shard_batch(mesh, next(data)), *args)
+    if state_metrics is not None and reporter.due(step):
+      metrics = {**metrics, **state_metrics(state)}
     in_flight.append(metrics)
     if len(in_flight) > IN_FLIGHT:
       jax.block_until_ready(in_flight.popleft())

@@ -185,11 +185,12 @@ def train_loop(step_fn: Callable[..., tuple[Any, Any]], state: Any, data: DataSo
   in_flight = collections.deque()
   for step in range(int(state["step"]) + 1, total_steps + 1):
     state, metrics = step_fn(state, partition.shard_batch(mesh, next(data)), *args)
-    if state_metrics is not None and reporter.due(step):
-      metrics = {**metrics, **state_metrics(state)}
     in_flight.append(metrics)
     if len(in_flight) > IN_FLIGHT:
       jax.block_until_ready(in_flight.popleft())
+    if state_metrics is not None and reporter.due(step):
+      # Dispatched after that wait, so the device's queue is never longer than IN_FLIGHT + 1 programs, as before.
+      metrics = {**metrics, **state_metrics(state)}
     reporter.add(step, metrics)
     if step % checkpoint_every == 0 or step == total_steps:
       reporter.check()

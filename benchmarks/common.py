@@ -8,6 +8,7 @@ import datetime
 import json
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -25,6 +26,62 @@ def machine() -> dict:
     pass
   return {"devices": [str(d) for d in jax.devices()], "gpu": gpu, "jax": jax.__version__,
           "python": platform.python_version(), "host": platform.node()}
+
+
+# GPU 0's SM clock and its maximum, the board's power draw and limit, and whether the driver holds the clocks down
+# to stay under that limit (the software power cap).
+_CONDITIONS = "clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_throttle_reasons.sw_power_cap"
+
+
+class GpuConditions:
+  """Samples GPU 0's clock and power with nvidia-smi every `period_ms` while its block runs; `summary()` gives their
+  means, or None where nvidia-smi is absent or answers nothing usable (CPU, TPU).
+
+  Why: an H200 running DiT-XL/2's train step draws its 700 W limit and the driver holds the SM clock near 1,570 MHz
+  of 1,980, so a time depends on the clock it ran at, and a kernel that only keeps the tensor cores busier can run
+  faster alone and not in the step. A result that records its clock can be read against another."""
+
+  def __init__(self, period_ms: int = 100):
+    self.period_ms = period_ms
+    self.samples: list[tuple] = []
+    self._process = None
+
+  def __enter__(self):
+    try:
+      self._process = subprocess.Popen(
+          ["nvidia-smi", "-i", "0", f"--query-gpu={_CONDITIONS}", "--format=csv,noheader,nounits",
+           "-lms", str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+      self._process = None
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._process is not None:
+      self._process.terminate()
+      out, _ = self._process.communicate(timeout=20)
+      self.samples = [s for s in map(_conditions_sample, out.splitlines()) if s is not None]
+    return False
+
+  def summary(self) -> dict | None:
+    if not self.samples:
+      return None
+    clock, max_clock, power, limit, capped = zip(*self.samples)
+    return {"samples": len(self.samples), "sm_mhz_mean": statistics.mean(clock), "sm_mhz_max": max(max_clock),
+            "power_w_mean": statistics.mean(power), "power_limit_w": max(limit),
+            "power_capped_fraction": statistics.mean(capped)}
+
+
+def _conditions_sample(line: str) -> tuple | None:
+  """One line of nvidia-smi's CSV as (clock, max clock, power, limit, capped), or None (a field it cannot report
+  reads "[N/A]")."""
+  fields = [f.strip() for f in line.split(",")]
+  if len(fields) != 5 or fields[4] not in ("Active", "Not Active"):
+    return None
+  try:
+    numbers = tuple(map(float, fields[:4]))
+  except ValueError:
+    return None
+  return (*numbers, float(fields[4] == "Active"))
 
 
 def write_results(name: str, rows: list[dict], extra: dict | None = None, out_dir: str = "benchmarks/results"):

@@ -59,6 +59,7 @@ def timings(run) -> dict:
   """`ms`: loop_ms, the PyTorch reference's method (the ratios use it); `synchronised_ms`: median_ms, each call
   waited for (latency: adds the host's dispatch and launch gaps); `gpu`: the clock and power during `ms`'s calls,
   where nvidia-smi reports them."""
+  jax.block_until_ready(run())  # the first call compiles: outside the sampled window, where the GPU idles
   with GpuConditions() as gpu:
     ms = loop_ms(run)
   conditions = gpu.summary()

@@ -1,5 +1,5 @@
 """The benchmarks' record of the GPU's clock and power (benchmarks.common.GpuConditions), read from a stand-in
-nvidia-smi on PATH."""
+nvidia-smi on PATH, and the window benchmarks/dit.py samples."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from benchmarks import dit
 from benchmarks.common import GpuConditions
 
 
@@ -48,3 +49,22 @@ def test_no_summary_without_a_usable_nvidia_smi(tmp_path, monkeypatch, script):
   if script is not None:
     fake_nvidia_smi(tmp_path, script)
   assert conditions_with(monkeypatch, tmp_path) is None
+
+
+def test_dit_timings_sample_after_the_compiling_call(monkeypatch):
+  calls = []
+
+  class Recorder:
+    def __enter__(self):
+      self.calls_before = len(calls)
+      return self
+
+    def __exit__(self, *exc_info):
+      self.calls_within = len(calls) - self.calls_before
+
+    def summary(self):
+      return {"calls_before": self.calls_before, "calls_within": self.calls_within}
+
+  monkeypatch.setattr(dit, "GpuConditions", Recorder)
+  result = dit.timings(lambda: calls.append(1))
+  assert result["gpu"] == {"calls_before": 1, "calls_within": 13}  # then loop_ms: 3 warm-up calls and 10 timed

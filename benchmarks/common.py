@@ -15,6 +15,7 @@ import sys
 import jax
 
 from graft_jax.models.config import LayerSpec, OpSpec
+from graft_jax.timing import loop_ms
 
 
 def machine() -> dict:
@@ -82,6 +83,15 @@ def _conditions_sample(line: str) -> tuple | None:
   except ValueError:
     return None
   return (*numbers, float(fields[4] == "Active"))
+
+
+def sampled_loop_ms(fn, *args) -> tuple[float, dict | None]:
+  """loop_ms of fn(*args) (the PyTorch reference's method) and `GpuConditions`' summary over its calls. The first
+  call, which compiles, runs before the sampling starts: the GPU idles through a compile."""
+  jax.block_until_ready(fn(*args))
+  with GpuConditions() as gpu:
+    ms = loop_ms(fn, *args)
+  return ms, gpu.summary()
 
 
 def write_results(name: str, rows: list[dict], extra: dict | None = None, out_dir: str = "benchmarks/results"):

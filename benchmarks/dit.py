@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import GpuConditions, with_options, write_results
+from benchmarks.common import sampled_loop_ms, with_options, write_results
 from benchmarks.profile import call_profile
 from graft_jax import graft
 from graft_jax.models import DiT, dit_config, init_params
@@ -56,14 +56,11 @@ def train_runner(config, model, params, mesh, batch):
 
 
 def timings(run) -> dict:
-  """`ms`: loop_ms, the PyTorch reference's method (the ratios use it); `synchronised_ms`: median_ms, each call
-  waited for (latency: adds the host's dispatch and launch gaps); `gpu`: the clock and power during `ms`'s calls,
-  where nvidia-smi reports them."""
-  jax.block_until_ready(run())  # the first call compiles: outside the sampled window, where the GPU idles
-  with GpuConditions() as gpu:
-    ms = loop_ms(run)
-  conditions = gpu.summary()
-  return {"ms": ms, "synchronised_ms": median_ms(run), **({"gpu": conditions} if conditions else {})}
+  """`ms`: loop_ms, the PyTorch reference's method (the ratios use it), and `gpu`: the clock and power over its calls
+  (`sampled_loop_ms`); `synchronised_ms`: median_ms, each call waited for (latency: adds the host's dispatch and
+  launch gaps)."""
+  ms, conditions = sampled_loop_ms(run)
+  return {"ms": ms, "gpu": conditions, "synchronised_ms": median_ms(run)}
 
 
 def train_step_ms(run) -> dict:

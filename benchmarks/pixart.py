@@ -14,7 +14,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import with_options, write_results
+from benchmarks.common import sampled_loop_ms, with_options, write_results
 from benchmarks.dit import torch_lines
 from benchmarks.profile import call_profile
 from graft_jax import graft
@@ -22,21 +22,20 @@ from graft_jax.experiment_pixart import PAPER_LAYERS
 from graft_jax.models.config import pixart_config
 from graft_jax.models.pixart import PixArt, init_params
 from graft_jax.operators.attention import key_masked_attention
-from graft_jax.timing import loop_ms
 from graft_jax.train.state import cast_floating
 
 
-def forward_ms(config, params, batch: int = 2, profile: bool = False) -> tuple[float, dict | None]:
-  """loop_ms (the PyTorch reference's method) of one bf16 forward on a random batch (t = 500, a full 300-token
-  caption), and with `profile` its kernel summary."""
+def forward_ms(config, params, batch: int = 2, profile: bool = False) -> tuple[float, dict | None, dict | None]:
+  """`sampled_loop_ms` (the PyTorch reference's method, and the GPU's clock and power) of one bf16 forward on a
+  random batch (t = 500, a full 300-token caption), and with `profile` its kernel summary."""
   key = jax.random.key(0)
   x = jax.random.normal(key, (batch, config.input_size, config.input_size, config.in_channels), jnp.bfloat16)
   caption = jax.random.normal(key, (batch, config.caption_length, config.caption_channels), jnp.bfloat16)
   t = jnp.full((batch,), 500)
   run = jax.jit(lambda p, x, c: PixArt(config).apply({"params": p}, x, t, c))
   params = cast_floating(params, jnp.bfloat16)
-  ms = loop_ms(run, params, x, caption)
-  return ms, call_profile(run, params, x, caption, top=20) if profile else None
+  ms, conditions = sampled_loop_ms(run, params, x, caption)
+  return ms, conditions, call_profile(run, params, x, caption, top=20) if profile else None
 
 
 def cross_attention_agreement(tokens: int, caption_length: int = 300, heads: int = 16, head_dim: int = 72) -> dict:
@@ -78,8 +77,8 @@ def main():
   student, student_params = graft.graft(teacher, params, edits, jax.random.key(1))
   row = {"image_size": args.image_size, "tokens": teacher.num_tokens, "depth": args.depth, "batch": 2,
          "grafted_layers": layers, "gelu_kernel": args.gelu_kernel, "attention": args.attention}
-  row["teacher_ms"], teacher_kernels = forward_ms(teacher, params, profile=args.profile)
-  row["graft_ms"], graft_kernels = forward_ms(student, student_params, profile=args.profile)
+  row["teacher_ms"], row["teacher_gpu"], teacher_kernels = forward_ms(teacher, params, profile=args.profile)
+  row["graft_ms"], row["graft_gpu"], graft_kernels = forward_ms(student, student_params, profile=args.profile)
   row["graft_speedup"] = row["teacher_ms"] / row["graft_ms"]
   eager = next((r for r in torch_lines(args.torch) if r["what"] == "pixart_sigma_fwd_bf16_eager"
                 and r.get("res") == args.image_size), None)

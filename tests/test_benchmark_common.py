@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from benchmarks import dit
+from benchmarks import common, dit
 from benchmarks.common import GpuConditions
 
 
@@ -65,6 +65,6 @@ def test_dit_timings_sample_after_the_compiling_call(monkeypatch):
     def summary(self):
       return {"calls_before": self.calls_before, "calls_within": self.calls_within}
 
-  monkeypatch.setattr(dit, "GpuConditions", Recorder)
+  monkeypatch.setattr(common, "GpuConditions", Recorder)
   result = dit.timings(lambda: calls.append(1))
   assert result["gpu"] == {"calls_before": 1, "calls_within": 13}  # then loop_ms: 3 warm-up calls and 10 timed

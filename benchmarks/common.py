@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 
 import jax
 
@@ -35,8 +37,8 @@ _CONDITIONS = "clocks.sm,clocks.max.sm,power.draw,power.limit,clocks_throttle_re
 
 
 class GpuConditions:
-  """Samples GPU 0's clock and power with nvidia-smi every `period_ms` while its block runs; `summary()` gives their
-  means, or None where nvidia-smi is absent or answers nothing usable (CPU, TPU).
+  """Samples the clock and power of the GPU that JAX numbers 0 with nvidia-smi every `period_ms` while its block
+  runs; `summary()` gives their means, or None where nvidia-smi is absent or answers nothing usable (CPU, TPU).
 
   Why: an H200 running DiT-XL/2's train step draws its 700 W limit and the driver holds the SM clock near 1,570 MHz
   of 1,980, so a time depends on the clock it ran at, and a kernel that only keeps the tensor cores busier can run
@@ -48,10 +50,13 @@ class GpuConditions:
     self._process = None
 
   def __enter__(self):
+    # nvidia-smi numbers the GPUs as the machine does; CUDA_VISIBLE_DEVICES' first entry is JAX's device 0.
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    self._log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe's buffer would stall a long sampling
     try:
       self._process = subprocess.Popen(
-          ["nvidia-smi", "-i", "0", f"--query-gpu={_CONDITIONS}", "--format=csv,noheader,nounits",
-           "-lms", str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+          ["nvidia-smi", "-i", gpu, f"--query-gpu={_CONDITIONS}", "--format=csv,noheader,nounits",
+           "-lms", str(self.period_ms)], stdout=self._log, stderr=subprocess.DEVNULL, text=True)
     except OSError:
       self._process = None
     return self
@@ -59,8 +64,14 @@ class GpuConditions:
   def __exit__(self, *exc_info):
     if self._process is not None:
       self._process.terminate()
-      out, _ = self._process.communicate(timeout=20)
-      self.samples = [s for s in map(_conditions_sample, out.splitlines()) if s is not None]
+      try:
+        self._process.wait(timeout=20)
+      except subprocess.TimeoutExpired:
+        self._process.kill()
+        self._process.wait()
+      self._log.seek(0)
+      self.samples = [s for s in map(_conditions_sample, self._log.read().splitlines()) if s is not None]
+    self._log.close()
     return False
 
   def summary(self) -> dict | None:

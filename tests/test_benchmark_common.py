@@ -34,11 +34,13 @@ def test_the_samples_means_and_the_capped_fraction(tmp_path, monkeypatch):
                   "printf '1500, 1980, 690.5, 700.00, Active\\n1600, 1980, 680.5, 700.00, Not Active\\n'\n"
                   "printf '[N/A], 1980, [N/A], 700.00, [N/A]\\n'\n"
                   'touch "${0%/*}/printed"\nexec sleep 30\n')
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")  # JAX's device 0 is the machine's GPU 3
   summary = conditions_with(monkeypatch, tmp_path, os.environ["PATH"])
   assert summary == pytest.approx({"samples": 2, "sm_mhz_mean": 1550, "sm_mhz_max": 1980, "power_w_mean": 685.5,
                                    "power_limit_w": 700, "power_capped_fraction": 0.5})
   args = (tmp_path / "args").read_text().split()
-  assert args[args.index("-lms") + 1] == "50" and "--format=csv,noheader,nounits" in args
+  assert args[args.index("-lms") + 1] == "50" and args[args.index("-i") + 1] == "3"
+  assert "--format=csv,noheader,nounits" in args
 
 
 NOT_A_FIELD = "echo 'Field \"clocks.max.sm\" is not a valid field to query.'\n: > \"${0%/*}/printed\"\nexit 2\n"

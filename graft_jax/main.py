@@ -27,6 +27,24 @@ class _QuietCheckpointing(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _parse_flags(argv):
+  """absl's parsing and its usage errors, plus one it leaves as a traceback: an override (`--config.a.b=v`) of a
+  field the config does not have, which ml_collections raises as an AttributeError around a KeyError."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except AttributeError as e:
+    missing = e.args[0] if e.args and isinstance(e.args[0], KeyError) else None
+    if missing is None:
+      raise
+    name, *hint = str(missing.args[0]).splitlines()
+    field = name.strip("'\"")
+    culprit = next((a for a in argv[1:] if a.startswith("--config.") and field in a.split("=")[0].split(".")), None)
+    where, hint = (f"{culprit}: " if culprit else ""), " ".join(hint)
+    hint = f"; {hint[:1].lower()}{hint[1:]}" if hint else "."
+    print(f"error: {where}the config has no field {field!r}{hint}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.getLogger("absl").addFilter(_QuietCheckpointing())
@@ -40,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -83,6 +83,17 @@ def test_missing_teacher_names_the_conversion_command(tmp_path):
   assert "convert_torch_weights.py" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.finetune.batchsize=3", "error: --config.finetune.batchsize=3: the config has no field 'batchsize'; "
+                                      'did you mean "batch_size" instead of "batchsize"?'),
+    ("--config.nonexistent=1", "error: --config.nonexistent=1: the config has no field 'nonexistent'."),
+])
+def test_an_override_of_a_missing_field_is_one_sentence(tmp_path, override, message):
+  proc = main(f"--config={ROOT}/configs/dit_xl2_swa.py", f"--workdir={tmp_path}/run", override, cwd=tmp_path)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == message, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_shrunk_experiment_runs_end_to_end_and_resumes(tmp_path):
   args = (f"--config={ROOT}/configs/dit_xl2_hyena_x.py:shrink=1", f"--workdir={tmp_path}/run")
   proc = main(*args, cwd=tmp_path)

@@ -97,12 +97,16 @@ def _conditions_sample(line: str) -> tuple | None:
 
 
 def sampled_loop_ms(fn, *args) -> tuple[float, dict | None]:
-  """loop_ms of fn(*args) (the PyTorch reference's method) and `GpuConditions`' summary over its calls. The first
+  """loop_ms of fn(*args) (the PyTorch reference's method) and `GpuConditions`' summary over its calls, with the
+  energy of a call (`joules_per_call`: mean power x ms), the quantity a power-capped GPU's time follows. The first
   call, which compiles, runs before the sampling starts: the GPU idles through a compile."""
   jax.block_until_ready(fn(*args))
   with GpuConditions() as gpu:
     ms = loop_ms(fn, *args)
-  return ms, gpu.summary()
+  summary = gpu.summary()
+  if summary and "power_w_mean" in summary:
+    summary["joules_per_call"] = summary["power_w_mean"] * ms / 1e3
+  return ms, summary
 
 
 def write_results(name: str, rows: list[dict], extra: dict | None = None, out_dir: str = "benchmarks/results"):

@@ -70,3 +70,19 @@ def test_dit_timings_sample_after_the_compiling_call(monkeypatch):
   monkeypatch.setattr(common, "GpuConditions", Recorder)
   result = dit.timings(lambda: calls.append(1))
   assert result["gpu"] == {"calls_before": 1, "calls_within": 13}  # then loop_ms: 3 warm-up calls and 10 timed
+
+
+def test_sampled_loop_ms_gives_the_energy_of_a_call(monkeypatch):
+  class Steady:
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc_info):
+      return False
+
+    def summary(self):
+      return {"power_w_mean": 500.0}
+
+  monkeypatch.setattr(common, "GpuConditions", Steady)
+  ms, conditions = common.sampled_loop_ms(lambda: time.sleep(0.002))
+  assert ms >= 2 and conditions["joules_per_call"] == pytest.approx(500.0 * ms / 1e3)

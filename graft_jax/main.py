@@ -36,10 +36,10 @@ def _parse_flags(argv):
     missing = e.args[0] if e.args and isinstance(e.args[0], KeyError) else None
     if missing is None:
       raise
-    name, *hint = str(missing.args[0]).splitlines()
+    name, *hint_lines = str(missing.args[0]).splitlines()  # the field's repr, then a did-you-mean if there is one
     field = name.strip("'\"")
     culprit = next((a for a in argv[1:] if a.startswith("--config.") and field in a.split("=")[0].split(".")), None)
-    where, hint = (f"{culprit}: " if culprit else ""), " ".join(hint)
+    where, hint = (f"{culprit}: " if culprit else ""), " ".join(hint_lines)
     hint = f"; {hint[:1].lower()}{hint[1:]}" if hint else "."
     print(f"error: {where}the config has no field {field!r}{hint}", file=sys.stderr)
     sys.exit(2)

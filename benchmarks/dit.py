@@ -1,11 +1,13 @@
 """DiT-XL/2 on one accelerator, bf16: the stage-2 train step (AdamW + EMA) and the forward pass at batch 256, and
 the depth-14 parallel-pair model against the depth-28 teacher (issues: stage 2 point 7, depth to width point 4).
 
-python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise|dots|full] [--gelu-kernel auto|xla]
-  [--attention auto|cudnn|xla|mosaic] [--data N] [--fsdp N] [--profile] [--out DIR]
+python benchmarks/dit.py [--what train,forward,depth] [--remat none|elementwise[+SITE_in]|dots|full]
+  [--gelu-kernel auto|xla] [--attention auto|cudnn|xla|mosaic] [--data N] [--fsdp N] [--profile] [--out DIR]
 The PyTorch side is ../shared/bench/torch_reference.py (dit_fwd dit_train), run in the same device call; pass its
 JSON lines with --torch FILE to put the ratios into the results. Writes dit_xl2.json (dit_xl2_train.json or
-dit_xl2_forward.json when --what has only one of the two) and depth_to_width.json.
+dit_xl2_forward.json when --what has only one of the two) and depth_to_width.json. While the train step is timed,
+only its state holds the parameters, so its peak memory is a training run's (results up to dit_xl2_train.json of
+2026-11-30 12:53 UTC include a float32 copy of them besides: 2.7 GB for DiT-XL/2).
 With --data / --fsdp the train step and the forward run sharded over that many devices (the training code's mesh;
 the batch split over both axes), and the results go to dit_xl2_data{N}_fsdp{N}.json; peak memory is device 0's.
 """
@@ -91,14 +93,15 @@ def bench_dit(batch_size: int, remat: str = "none", profile: bool = False, train
   """The stage-2 train step's row (when `train`), then the forward's (when `forward`), on one mesh."""
   cfg = with_options(dit_config("DiT-XL/2", remat=remat), "mlp", "mlp", gelu_kernel=gelu_kernel)
   cfg = with_options(cfg, "attn", "mha", backend=attention)
-  model, params = DiT(cfg), init_params(cfg, jax.random.key(0))
+  model = DiT(cfg)
   config = finetune.default_config()
   config.update(dict(batch_size=batch_size, mesh=mesh_sizes or {"data": 1, "fsdp": 1}))
   mesh = partition.make_mesh(config.mesh, jax.devices()[:math.prod(config.mesh.values())])
   sharded = {"devices": mesh.size, "mesh": dict(config.mesh)} if mesh.size > 1 else {}
   rows = []
   if train:
-    run = train_runner(config, model, params, mesh, batch_of(batch_size))
+    # Only the train state holds the parameters while the step is timed, as in a training run: its peak memory.
+    run = train_runner(config, model, init_params(cfg, jax.random.key(0)), mesh, batch_of(batch_size))
     ms = train_step_ms(run)
     rows.append({"what": "dit_xl2_train_step_bf16_adamw_ema", "batch": batch_size, "remat": remat,
                  "gelu_kernel": gelu_kernel, "attention": attention, **sharded, **ms,
@@ -109,6 +112,7 @@ def bench_dit(batch_size: int, remat: str = "none", profile: bool = False, train
     del run  # frees the train state before the forward runs
   if not forward:
     return rows
+  params = init_params(cfg, jax.random.key(0))
   run = forward_runner(model, params, batch_of(batch_size), mesh if mesh.size > 1 else None)
   fwd = timings(run)
   forward = {"what": "dit_xl2_forward_bf16", "batch": batch_size, "gelu_kernel": gelu_kernel, "attention": attention,
@@ -149,7 +153,9 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--what", default="train,forward,depth", help="any of train, forward, depth (comma-separated)")
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--remat", default="none", help="the model's remat policy for the train step")
+  parser.add_argument("--remat", default="none", help="the model's remat policy for the train step, as "
+                      "operators/remat.py lists: none, elementwise, elementwise+attn_in, elementwise+mlp_in, "
+                      "elementwise+attn_in+mlp_in, dots, full")
   parser.add_argument("--profile", action="store_true", help="add each run's device time by kernel")
   parser.add_argument("--gelu-kernel", default="auto", help="the MLPs' fc1 + GELU: auto, xla or mosaic")
   parser.add_argument("--attention", default="auto", help="MHA's backend: auto, cudnn, xla or mosaic")

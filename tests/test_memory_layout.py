@@ -1,6 +1,8 @@
 """Choices made for memory, layout and precision, not maths: a fused Linear applied part by part equals one Dense,
 attention's separate q, k, v Linears start as PyTorch's fused one, remat policies give the gradients of no remat,
 and bf16 operators keep their backward matmuls in bf16."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +58,7 @@ def _tiny_dit_loss():
   return cfg, params, lambda config, p: jnp.sum(DiT(config).apply({"params": p}, x, t, y) ** 2)
 
 
-@pytest.mark.parametrize("remat", ["elementwise", "dots", "full"])
+@pytest.mark.parametrize("remat", ["elementwise", "elementwise+mlp_in", "elementwise+attn_in+mlp_in", "dots", "full"])
 def test_remat_keeps_gradients(remat):
   cfg, params, loss = _tiny_dit_loss()
   grads = lambda config: jax.grad(lambda p: loss(config, p))(params)
@@ -78,9 +80,26 @@ def test_elementwise_remat_saves_between_dots_and_none():
   assert saved["none"] > 1.5 * saved["elementwise"]
 
 
-def test_unknown_remat_is_one_sentence():
-  with pytest.raises(ValueError, match="model remat 'some' is not one of none, elementwise, dots, full"):
-    dit_config("DiT-S/2", remat="some")
+@pytest.mark.parametrize("inputs", [("mlp_in",), ("attn_in",), ("attn_in", "mlp_in")])
+def test_elementwise_keeps_the_site_inputs_it_is_given(inputs):
+  cfg, params, loss = _tiny_dit_loss()
+  saved = lambda remat: sum(r.size for r in jax.tree.leaves(jax.vjp(lambda p: loss(cfg.replace(remat=remat), p),
+                                                                    params)[1]))
+  tokens, width = 2 * 16, 32
+  # Each named site's input (a token's normalised, modulated row) a layer, besides what elementwise keeps.
+  assert saved("+".join(("elementwise",) + inputs)) - saved("elementwise") == cfg.depth * len(inputs) * tokens * width
+
+
+@pytest.mark.parametrize("remat, message", [
+    ("some", "model remat 'some' is not one of none, elementwise, dots, full."),
+    ("dots+mlp_in", "model remat 'dots+mlp_in': only elementwise takes additions, each once, from attn_in, mlp_in "
+                    "(e.g. elementwise+mlp_in)."),
+    ("elementwise+mlp", "model remat 'elementwise+mlp': only elementwise takes additions"),
+    ("elementwise+mlp_in+mlp_in", "model remat 'elementwise+mlp_in+mlp_in': only elementwise takes additions"),
+])
+def test_unknown_remat_is_one_sentence(remat, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    dit_config("DiT-S/2", remat=remat)
 
 
 @pytest.mark.parametrize("name", sorted(set(operators.names()) - {"mha", "mha_kv_compress"}))

@@ -6,7 +6,7 @@ import json
 from typing import Any, ClassVar, Mapping
 
 from graft_jax import operators
-from graft_jax.operators.remat import REMAT
+from graft_jax.operators.remat import parse as parse_remat
 
 
 def _hashable(value):
@@ -111,8 +111,10 @@ class LatentTransformerConfig:
   TITLE: ClassVar[str]   # for error messages
 
   def __post_init__(self):
-    if self.remat not in REMAT:
-      raise ValueError(f"model remat {self.remat!r} is not one of {', '.join(REMAT)}.")
+    try:
+      parse_remat(self.remat)
+    except ValueError as e:
+      raise ValueError(f"model {e}") from None
 
   @property
   def depth(self) -> int:
@@ -181,7 +183,7 @@ class DiTConfig(LatentTransformerConfig):
   num_classes: int = 1000       # index num_classes is the null class (CFG, label dropout)
   learn_sigma: bool = True
   class_dropout_prob: float = 0.1
-  remat: str = "none"           # activation recomputation per layer in training: one of REMAT
+  remat: str = "none"           # activation recomputation per layer in training (operators/remat.py)
   layers: tuple[Layer, ...] = ()
 
 

@@ -21,7 +21,7 @@ from graft_jax.diffusion import guide
 from graft_jax.models.config import DiTConfig, LayerSpec, ParallelPairSpec
 from graft_jax.models.embeddings import sincos_2d, timestep_embedding, unpatchify
 from graft_jax.operators.kernels import norm_modulate as norm_kernel
-from graft_jax.operators.remat import kept, policy as remat_policy
+from graft_jax.operators.remat import kept, policy as remat_policy, site_input
 
 zeros = nn.initializers.zeros
 normal_002 = nn.initializers.normal(0.02)
@@ -116,7 +116,7 @@ def operator_site(block: nn.Module, name: str, h, gate):
   """gate * op(h) for the operator `block.spec` names at site `name` (built at width `block.dim` as a submodule
   called `name`), sowing its input, output and gate: what stage-1 distillation reads, in DiT and PixArt blocks."""
   block.sow("intermediates", f"{name}_in", h)
-  out = block.spec.site(name).build(block.dim).clone(name=name, parent=block)(h)
+  out = block.spec.site(name).build(block.dim).clone(name=name, parent=block)(site_input(h, name))
   block.sow("intermediates", f"{name}_out", out)
   block.sow("intermediates", f"{name}_gate", gate)
   return gate * out

@@ -1,4 +1,4 @@
-"""What a layer keeps for its backward pass (config `remat`, one of REMAT).
+"""What a layer keeps for its backward pass (config `remat`: one of REMAT, or elementwise with SITE_INPUTS added).
 
 - none: everything autodiff saves. In bf16 a DiT layer then keeps six tensors of 4 x width per token (fc1's
   output, the tanh GELU's intermediates and its output) and float32 LayerNorm intermediates: the batch-256

@@ -415,9 +415,15 @@ def test_errors_a_user_can_act_on(dit, arrays, tmp_path):
                           mesh=eight_devices())
 
 
-class SkippedCheckpoints:
-  def save(self, *args, **kwargs):
-    pass
+class NoCheckpoints:
+  """A checkpointer that writes nothing; with `events`, it records each save's step there."""
+
+  def __init__(self, events: list | None = None):
+    self.events = events
+
+  def save(self, step, *args, **kwargs):
+    if self.events is not None:
+      self.events.append(("save", step))
 
   def latest_step(self):
     return None
@@ -439,7 +445,7 @@ def test_state_metrics_are_taken_at_the_log_steps_only(tmp_path):
   data = ArrayIterator({"x": np.zeros((8, 1), np.float32)}, 8)
   with metrics.Reporter(tmp_path, 7, 3, "loop") as reporter:
     metrics.train_loop(step_fn, {"step": 0}, data, mesh=one_device(), reporter=reporter,
-                       checkpointer=SkippedCheckpoints(), total_steps=7, checkpoint_every=100, stage="loop",
+                       checkpointer=NoCheckpoints(), total_steps=7, checkpoint_every=100, stage="loop",
                        state_metrics=state_metrics)
   rows = metrics.read_metrics(tmp_path / "metrics.jsonl")
   assert taken == [3, 6, 7]
@@ -462,16 +468,10 @@ def test_the_loop_runs_at_most_in_flight_steps_ahead(tmp_path):
     events.append(("run", step))
     return {"step": step}, {"loss": Loss(step)}
 
-  class NoCheckpoints:
-    def save(self, *args, **kwargs):
-      events.append(("save", args[0]))
-
-    def latest_step(self):
-      return None
-
   data = ArrayIterator({"x": np.zeros((8, 1), np.float32)}, 8)
-  with metrics.Reporter(tmp_path, 6, 100, "loop", NoCheckpoints()) as reporter:
-    metrics.train_loop(step_fn, {"step": 0}, data, mesh=one_device(), reporter=reporter, checkpointer=NoCheckpoints(),
+  checkpointer = NoCheckpoints(events)
+  with metrics.Reporter(tmp_path, 6, 100, "loop", checkpointer) as reporter:
+    metrics.train_loop(step_fn, {"step": 0}, data, mesh=one_device(), reporter=reporter, checkpointer=checkpointer,
                        total_steps=6, checkpoint_every=100, stage="loop")
   ahead = metrics.IN_FLIGHT
   want = [("run", 1)]

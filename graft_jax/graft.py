@@ -32,7 +32,6 @@ import numpy as np
 from graft_jax import operators
 from graft_jax.models.config import DiTConfig, OpSpec, ParallelPairSpec, PixArtConfig
 from graft_jax.models.dit import PAIR, merge_init
-from graft_jax.operators.flops import operator_flops
 
 INITS = ("fresh", "teacher")
 PAIRS = "parallel_pairs"
@@ -290,8 +289,7 @@ def init_operator(spec: OpSpec, dim: int, tokens: int, key: jax.Array):
 def model_flops(config: DiTConfig) -> int:
   """Forward FLOPs per sample: every operator plus embedders, adaLN, parallel-pair merges and the final layer."""
   d, n, p = config.hidden_size, config.num_tokens, config.patch_size
-  ops = sum(operator_flops(block.site(s).name, block.site(s).config, d, n)
-            for block in config.blocks for s in operators.SITES)
+  ops = sum(block.site(s).flops(d, n) for block in config.blocks for s in operators.SITES)
   embed = 2 * n * p * p * config.in_channels * d + 2 * (256 * d + d * d)
   if isinstance(config, PixArtConfig):
     return ops + embed + pixart_flops(config) + 2 * n * d * p * p * config.out_channels
@@ -335,8 +333,7 @@ def summary(teacher: DiTConfig, student: DiTConfig) -> dict:
       if a != b:
         rows.append({"layer": i, "site": s, "before": a.name, "after": b.name,
                      "params_before": operator_params(a, d, n), "params_after": operator_params(b, d, n),
-                     "flops_before": operator_flops(a.name, a.config, d, n),
-                     "flops_after": operator_flops(b.name, b.config, d, n)})
+                     "flops_before": a.flops(d, n), "flops_after": b.flops(d, n)})
     i += 1
   p0, p1 = model_params(teacher), model_params(student)
   f0, f1 = model_flops(teacher), model_flops(student)
@@ -347,7 +344,7 @@ def summary(teacher: DiTConfig, student: DiTConfig) -> dict:
 def _pair_row(first: int, pair: ParallelPairSpec, d: int, n: int) -> dict:
   """Two blocks (operators and adaLN) in sequence, then the same in parallel plus the (2D -> D) merge."""
   params = sum(operator_params(b.site(s), d, n) for b in pair.blocks for s in operators.SITES) + 2 * (6 * d * d + 6 * d)
-  flops = sum(operator_flops(b.site(s).name, b.site(s).config, d, n) for b in pair.blocks for s in operators.SITES)
+  flops = sum(b.site(s).flops(d, n) for b in pair.blocks for s in operators.SITES)
   flops += 2 * 2 * d * 6 * d
   return {"layer": f"{first}+{first + 1}", "site": "pair", "before": "sequential", "after": "parallel_pair",
           "params_before": params, "params_after": params + 2 * d * d + d,

@@ -32,6 +32,11 @@ class OpSpec:
   def build(self, dim: int):
     return operators.build(self.name, dim, **self.config)
 
+  def flops(self, dim: int, tokens: int) -> int:
+    """Forward FLOPs on one sample of `tokens` tokens at width `dim`, by the formula the operator was registered with
+    (operators/flops.py)."""
+    return operators.get(self.name).flops(self.config, dim, tokens)
+
   def to_json(self) -> dict[str, Any]:
     return {"name": self.name, **self.config}
 

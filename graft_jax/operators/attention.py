@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax.operators import init
+from graft_jax.operators import flops, init
 from graft_jax.operators.kernels import forward_only, hopper_attention, hopper_attention_grad, sixteen_bit
 from graft_jax.operators.kernels.splash import splash_attention
 from graft_jax.operators.matmul import einsum_f32
@@ -143,7 +143,7 @@ def trains_on_kernel(requested: str, heads_shape, dtype) -> bool:
   return requested == "mosaic" or (requested == "auto" and hopper_attention_grad.pays_off(heads_shape))
 
 
-@register("mha", "attn", defaults={"num_heads": 16, "backend": "auto"},
+@register("mha", "attn", defaults={"num_heads": 16, "backend": "auto"}, flops=flops.attention(lambda c, n: n),
           torch_modules=("qkv", "proj"), from_torch=torch_fused_qkv("qkv", "proj"))
 class MultiHeadAttention(nn.Module):
   """DiT's attention: q, k, v Linears with bias, softmax(q k^T / sqrt(d)) v over all tokens, output projection.
@@ -293,7 +293,8 @@ def swa_backend(requested: str, grid) -> str:
 
 
 @register("swa", "attn", defaults={"num_heads": 16, "window": 4, "grid": None, "backend": "auto"},
-          torch_modules=("Wqkv", "out_proj"), from_torch=torch_fused_qkv("Wqkv", "out_proj"))
+          flops=flops.attention(flops.window_keys), torch_modules=("Wqkv", "out_proj"),
+          from_torch=torch_fused_qkv("Wqkv", "out_proj"))
 class SlidingWindowAttention(nn.Module):
   """MHA (DiT's projections) where each token attends only to its neighbours within `window`.
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax.operators import init
+from graft_jax.operators import flops, init
 from graft_jax.operators.kernels import hyena_gate
 from graft_jax.operators.kernels.causal_conv import causal_conv_pallas
 from graft_jax.operators.registry import register
@@ -181,7 +181,7 @@ class _Hyena(nn.Module):
     return init.dense(self.dim, "out_proj")(q * u)
 
 
-@register("hyena_x", "attn", defaults={"kernel_size": 4, "backend": "auto"},
+@register("hyena_x", "attn", defaults={"kernel_size": 4, "backend": "auto"}, flops=flops.hyena(short=True, inner=False),
           torch_modules=("in_proj", "short_filter", "out_proj"),
           from_torch=_hyena_importer(("short_filter",)))
 class HyenaX(_Hyena):
@@ -189,7 +189,7 @@ class HyenaX(_Hyena):
   has_short_filter = True
 
 
-@register("hyena_y", "attn", defaults={"kernel_size": 4, "backend": "auto"},
+@register("hyena_y", "attn", defaults={"kernel_size": 4, "backend": "auto"}, flops=flops.hyena(short=False, inner=True),
           torch_modules=("in_proj", "inner_filter", "out_proj"),
           from_torch=_hyena_importer(("inner_filter",)))
 class HyenaY(_Hyena):
@@ -197,7 +197,7 @@ class HyenaY(_Hyena):
   has_inner_filter = True
 
 
-@register("hyena_se", "attn", defaults={"kernel_size": 4, "backend": "auto"},
+@register("hyena_se", "attn", defaults={"kernel_size": 4, "backend": "auto"}, flops=flops.hyena(short=True, inner=True),
           torch_modules=("in_proj", "short_filter", "inner_filter", "out_proj"),
           from_torch=_hyena_importer(("short_filter", "inner_filter")))
 class HyenaSE(_Hyena):
@@ -212,7 +212,7 @@ def _mlp_hyena_x_from_torch(t, dim, num_heads):
   return {**config, "ratio": int(ratio) if ratio.is_integer() else ratio}, params
 
 
-@register("mlp_hyena_x", "mlp", defaults={"ratio": 2, "kernel_size": 4},
+@register("mlp_hyena_x", "mlp", defaults={"ratio": 2, "kernel_size": 4}, flops=flops.mlp_hyena_x,
           torch_modules=("in_proj", "short_filter", "out_proj"), from_torch=_mlp_hyena_x_from_torch)
 class MLPHyenaX(nn.Module):
   """Channel-mixing Hyena-X: in_proj D -> 3rD, causal conv along the features with one filter per token (its

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax.operators import init
+from graft_jax.operators import flops, init
 from graft_jax.operators.attention import attention_backend
 from graft_jax.operators.registry import register
 
@@ -24,7 +24,7 @@ def _from_torch(t, dim, num_heads):
 
 
 @register("mha_kv_compress", "attn", defaults={"num_heads": 16, "sr_ratio": 2, "grid": None, "backend": "auto"},
-          torch_modules=("qkv", "proj", "sr", "norm"), from_torch=_from_torch)
+          flops=flops.kv_compress, torch_modules=("qkv", "proj", "sr", "norm"), from_torch=_from_torch)
 class KVCompressAttention(nn.Module):
   """`grid` (h, w) is the token grid; None takes the square one (an operator sees only (B, N, D), and PixArt's
   released checkpoints are square). Sides not divisible by sr_ratio lose their last rows/columns, as torch's

@@ -5,7 +5,7 @@ import math
 
 import flax.linen as nn
 
-from graft_jax.operators import init
+from graft_jax.operators import flops, init
 from graft_jax.operators.kernels import dense_gelu
 from graft_jax.operators.registry import register
 
@@ -17,7 +17,7 @@ def _mlp_from_torch(t, dim, num_heads):
   return {"ratio": hidden / dim}, {"fc1": init.dense_from_torch(t, "fc1"), "fc2": init.dense_from_torch(t, "fc2")}
 
 
-@register("mlp", "mlp", defaults={"ratio": 4.0, "gelu_kernel": "auto"}, torch_modules=("fc1", "fc2"),
+@register("mlp", "mlp", defaults={"ratio": 4.0, "gelu_kernel": "auto"}, flops=flops.mlp, torch_modules=("fc1", "fc2"),
           from_torch=_mlp_from_torch)
 class MLP(nn.Module):
   """Linear D -> rD, GELU (tanh approximation, as DiT), Linear rD -> D.

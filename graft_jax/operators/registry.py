@@ -1,7 +1,10 @@
-"""The operator registry: name -> Flax module class, its site, its default config and its PyTorch importer.
+"""The operator registry: name -> Flax module class, its site, its default config, its FLOP formula and its PyTorch
+importer.
 
 Every operator maps (B, N, D) -> (B, N, D). A DiT layer names its sequence mixer (site "attn") and its channel
-mixer (site "mlp") by registry name, so surgery only has to edit a name and a config dict.
+mixer (site "mlp") by registry name, so surgery only has to edit a name and a config dict. An operator of one's own
+is registered the same way as the built-in ones (README, Graft your own operator), from any module imported before a
+config or checkpoint names it.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import numpy as np
+
+from graft_jax.operators.flops import Flops
 
 SITES = ("attn", "mlp")
 
@@ -24,6 +29,7 @@ class Operator:
   site: str                      # "attn" (sequence mixer) or "mlp" (channel mixer)
   module: type[nn.Module]        # constructed as module(dim=D, **config)
   defaults: Mapping[str, Any]
+  flops: Flops                   # flops(config, dim, tokens): forward FLOPs on one sample (operators/flops.py)
   torch_modules: frozenset[str]  # the submodule names an official PyTorch checkpoint holds for it
   from_torch: TorchImporter | None = None
 
@@ -38,15 +44,22 @@ class Operator:
 _OPERATORS: dict[str, Operator] = {}
 
 
-def register(name: str, site: str, defaults: Mapping[str, Any], torch_modules=(), from_torch=None):
-  """Class decorator adding a Flax module to the registry under `name`."""
+def register(name: str, site: str, defaults: Mapping[str, Any], *, flops: Flops, torch_modules=(), from_torch=None):
+  """Class decorator adding a Flax module to the registry under `name`. A module constructed as module(dim=D,
+  **config) with every option in `defaults`; `flops(config, dim, tokens)` its forward FLOPs on one sample (the
+  graft summary's); `torch_modules` and `from_torch` how the converter recognises and imports its PyTorch weights.
+
+  Registering a name again replaces the entry only when the class comes from the same module under the same name
+  (a notebook cell or a config file run again); any other clash is an error."""
   if site not in SITES:
     raise ValueError(f"site must be one of {SITES}, got {site!r}")
 
   def wrap(cls):
-    if name in _OPERATORS:
-      raise ValueError(f"operator {name!r} is registered twice")
-    _OPERATORS[name] = Operator(name, site, cls, dict(defaults), frozenset(torch_modules), from_torch)
+    old = _OPERATORS.get(name)
+    if old is not None and (old.module.__module__, old.module.__qualname__) != (cls.__module__, cls.__qualname__):
+      raise ValueError(f"operator {name!r} is already registered by {old.module.__module__}."
+                       f"{old.module.__qualname__}; pick another name.")
+    _OPERATORS[name] = Operator(name, site, cls, dict(defaults), flops, frozenset(torch_modules), from_torch)
     return cls
   return wrap
 
@@ -55,7 +68,8 @@ def get(name: str) -> Operator:
   try:
     return _OPERATORS[name]
   except KeyError:
-    raise ValueError(f"unknown operator {name!r}; known operators are {names()}.") from None
+    raise ValueError(f"unknown operator {name!r}; known operators are {names()} (an operator of your own is known "
+                     "once the module that registers it has been imported).") from None
 
 
 def names(site: str | None = None) -> list[str]:

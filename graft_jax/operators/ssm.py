@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graft_jax.operators import init
+from graft_jax.operators import flops, init
 from graft_jax.operators.hyena import CausalConv
 from graft_jax.operators.kernels import sixteen_bit
 from graft_jax.operators.kernels import ssd as ssd_kernel
@@ -190,7 +190,7 @@ def _mamba2_from_torch(t, dim, num_heads):
 @register("mamba2", "attn",
           defaults={"d_state": 64, "d_conv": 4, "expand": 2, "headdim": 16, "chunk_size": 64, "bidirectional": False,
                     "ssd_kernel": "auto"},
-          torch_modules=("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj"),
+          flops=flops.mamba2, torch_modules=("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj"),
           from_torch=_mamba2_from_torch)
 class Mamba2(nn.Module):
   """Mamba-2 block as mamba_ssm's `Mamba2` (ngroups 1, no projection bias, gated RMSNorm), causal by default.

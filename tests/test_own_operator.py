@@ -1,0 +1,81 @@
+"""An operator of one's own (configs/demo_own_operator.py): registered from a config, exact against its quadratic
+form, counted in the graft summary, grafted by the real command line, and loadable once registered again."""
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from cli import ROOT, load_config, run_main
+from graft_jax import checkpoints, graft, operators
+from graft_jax.models import dit_config
+from graft_jax.models.config import OpSpec
+
+
+@pytest.fixture(scope="module")
+def own():
+  """The example config's module namespace, its operator registered."""
+  load_config("demo_own_operator")
+  return operators.get("linear_attention")
+
+
+def quadratic_form(params, x, heads):
+  """out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), phi = elu + 1, in float64 (N x N weights)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(x, np.float64)
+  b, n, d = x.shape
+  q, k, v = np.split(x @ p["qkv"]["kernel"] + p["qkv"]["bias"], 3, axis=-1)
+  phi = lambda a: np.where(a > 0, a + 1, np.exp(a))
+  q, k, v = (a.reshape(b, n, heads, d // heads) for a in (q, k, v))
+  weights = np.einsum("bihd,bjhd->bhij", phi(q), phi(k))
+  out = np.einsum("bhij,bjhd->bihd", weights / weights.sum(-1, keepdims=True), v).reshape(b, n, d)
+  return out @ p["proj"]["kernel"] + p["proj"]["bias"]
+
+
+def test_linear_attention_equals_its_quadratic_form(own):
+  module = operators.build("linear_attention", 16, num_heads=4)
+  x = jax.random.normal(jax.random.key(0), (2, 11, 16))
+  params = module.init(jax.random.key(1), x)["params"]
+  np.testing.assert_allclose(module.apply({"params": params}, x), quadratic_form(params, x, 4), rtol=1e-5, atol=1e-6)
+  assert own.site == "attn" and own.defaults == {"num_heads": 4}
+
+
+def test_registering_again(own):
+  load_config("demo_own_operator")  # the same definition, loaded again (a rerun cell or config): replaces it
+  assert operators.get("linear_attention").module is not own.module
+
+  class Impostor(nn.Module):
+    dim: int
+
+  for name in ("linear_attention", "mha"):
+    with pytest.raises(ValueError, match="already registered by .*; pick another name"):
+      operators.register(name, "attn", defaults={}, flops=lambda c, d, n: 0)(Impostor)
+  assert operators.get("mha").module.__name__ == "MultiHeadAttention"
+
+
+def test_graft_summary_counts_its_flops(own):
+  teacher = dit_config("DiT-S/2", depth=2, hidden_size=64, num_heads=4, input_size=16, num_classes=10)
+  plan = graft.parse_plan([dict(site="attn", layers=[1], operator="linear_attention", config={"num_heads": 4})],
+                          teacher)
+  student = graft.student_config(teacher, plan)
+  row, = graft.summary(teacher, student)["rows"]
+  n, d = teacher.num_tokens, 64
+  assert (row["before"], row["after"]) == ("mha", "linear_attention")
+  assert row["flops_after"] == 2 * n * d * 3 * d + 2 * 2 * n * d * 16 + 2 * n * d * d
+  assert row["flops_after"] == OpSpec.make("linear_attention", num_heads=4).flops(d, n)
+  assert row["params_after"] == row["params_before"]
+
+
+def test_the_command_line_grafts_it_and_a_fresh_process_says_what_to_import(own, tmp_path):
+  proc = run_main(f"--config={ROOT}/configs/demo_own_operator.py:shrink=1", f"--workdir={tmp_path}/own", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| mha | linear_attention |" in (tmp_path / "own" / "graft_summary.md").read_text()
+  student = tmp_path / "own" / "variants" / "graft" / "student"
+  model, params = checkpoints.load(student)  # registered in this process by the fixture
+  assert model.config.layers[1].attn.name == "linear_attention"
+  fresh = subprocess.run([sys.executable, "-c", f"from graft_jax import checkpoints; checkpoints.load({str(student)!r})"],
+                         capture_output=True, text=True)
+  assert fresh.returncode != 0
+  assert "unknown operator 'linear_attention'" in fresh.stderr and "module that registers it" in fresh.stderr

@@ -37,9 +37,11 @@ def test_notebook_is_valid_and_generated(name):
   compile(python_of(nb), name, "exec")
 
 
-@pytest.mark.parametrize("name,made", [("graft_checkpoint.ipynb", ["stage1/results.json", "stage1_samples.png"]),
-                                       ("demo.ipynb", ["report.md", "losses.png", "grids/teacher.png"])])
-def test_notebook_runs_shrunk(tmp_path, name, made):
+@pytest.mark.parametrize("name,made,first_says", [
+    ("graft_checkpoint.ipynb", ["stage1/results.json", "stage1_samples.png"], "blocks_1/attn"),
+    ("demo.ipynb", ["report.md", "losses.png", "grids/teacher.png"], "'operator': 'swa'"),
+    ("own_operator.ipynb", ["report.md", "grids/graft_stage1_2.png"], "'operator': 'conv_mixer'")])
+def test_notebook_runs_shrunk(tmp_path, name, made, first_says):
   nb = json.loads((ROOT / "notebooks" / name).read_text())
   workdir = tmp_path / "run"
   # The command-line tests' setting: the machine's one CPU device, not the 8 fake devices of in-process tests.
@@ -49,3 +51,4 @@ def test_notebook_runs_shrunk(tmp_path, name, made):
   assert proc.returncode == 0, proc.stderr[-3000:]
   for path in made:
     assert (workdir / path).exists(), path
+  assert first_says in (workdir / made[0]).read_text()  # what ran: the grafted layer, or the plan's operator

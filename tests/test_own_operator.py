@@ -79,3 +79,21 @@ def test_the_command_line_grafts_it_and_a_fresh_process_says_what_to_import(own,
                          capture_output=True, text=True)
   assert fresh.returncode != 0
   assert "unknown operator 'linear_attention'" in fresh.stderr and "module that registers it" in fresh.stderr
+
+
+def test_a_module_that_cannot_be_built_from_its_options_is_refused_when_registered():
+  class NoWidth(nn.Module):
+    num_heads: int
+
+  class Unfilled(nn.Module):
+    dim: int
+    num_heads: int
+    window: int
+
+  cases = [(NoWidth, {"num_heads": 4}, "it has no field 'dim'"),
+           (Unfilled, {"num_heads": 4, "heads": 2}, r"its defaults name \['heads'\], which are not its fields; "
+                                                     r"its fields \['window'\] have no default")]
+  for cls, defaults, says in cases:
+    with pytest.raises(ValueError, match=f"cannot be built as Module\\(dim=D, \\*\\*options\\): {says}\\.$"):
+      operators.register("not_registered", "attn", defaults=defaults, flops=lambda c, d, n: 0)(cls)
+  assert "not_registered" not in operators.names()

@@ -55,6 +55,7 @@ def register(name: str, site: str, defaults: Mapping[str, Any], *, flops: Flops,
     raise ValueError(f"site must be one of {SITES}, got {site!r}")
 
   def wrap(cls):
+    _check_fields(name, cls, defaults)
     old = _OPERATORS.get(name)
     if old is not None and (old.module.__module__, old.module.__qualname__) != (cls.__module__, cls.__qualname__):
       raise ValueError(f"operator {name!r} is already registered by {old.module.__module__}."
@@ -62,6 +63,24 @@ def register(name: str, site: str, defaults: Mapping[str, Any], *, flops: Flops,
     _OPERATORS[name] = Operator(name, site, cls, dict(defaults), flops, frozenset(torch_modules), from_torch)
     return cls
   return wrap
+
+
+def _check_fields(name: str, cls, defaults: Mapping[str, Any]) -> None:
+  """The module is built as cls(dim=D, **config): it must take `dim`, and its options must be its other fields, each
+  required one with a default in `defaults`, so that a bad registration fails here rather than at the first build."""
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+  required = {f for f, field in fields.items()
+              if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING}
+  problems = []
+  if "dim" not in fields:
+    problems.append("it has no field 'dim'")
+  if unknown := sorted(set(defaults) - set(fields)):
+    problems.append(f"its defaults name {unknown}, which are not its fields")
+  if missing := sorted(required - set(defaults) - {"dim"}):
+    problems.append(f"its fields {missing} have no default")
+  if problems:
+    raise ValueError(f"operator {name!r} ({cls.__qualname__}) cannot be built as Module(dim=D, **options): "
+                     f"{'; '.join(problems)}.")
 
 
 def get(name: str) -> Operator:

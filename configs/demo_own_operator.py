@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from graft_jax import operators
-from graft_jax.experiment import demo_experiment
+from graft_jax.experiment import demo_experiment, parse_arg
 from graft_jax.operators import flops
 from graft_jax.operators.init import dense
 
@@ -45,6 +45,8 @@ class LinearAttention(nn.Module):
 
 
 def get_config(arg=None):
+  if set(parse_arg(arg)) - {"shrink"}:
+    raise ValueError(f"demo_own_operator takes shrink=1 only (its operator is linear_attention), got {arg!r}.")
   c = demo_experiment(arg)
   c.graft = [dict(c.graft[0], operator="linear_attention", config={"num_heads": 4})]
   return c

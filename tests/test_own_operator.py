@@ -97,3 +97,8 @@ def test_a_module_that_cannot_be_built_from_its_options_is_refused_when_register
     with pytest.raises(ValueError, match=f"cannot be built as Module\\(dim=D, \\*\\*options\\): {says}\\.$"):
       operators.register("not_registered", "attn", defaults=defaults, flops=lambda c, d, n: 0)(cls)
   assert "not_registered" not in operators.names()
+
+
+def test_the_config_takes_shrink_only(own):
+  with pytest.raises(ValueError, match="takes shrink=1 only"):
+    load_config("demo_own_operator", "operator=swa")

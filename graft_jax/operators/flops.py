@@ -24,6 +24,7 @@ def attention(keys_per_query: Callable[[Mapping[str, Any], int], int]) -> Flops:
 
 
 def window_keys(c, n):
+  """Keys a query meets in SWA's window: 2w + 1 on the sequence, (2w + 1)^2 on a grid, at most all n."""
   side = 2 * c["window"] + 1
   return min(n, side * side if c.get("grid") else side)
 
@@ -59,4 +60,3 @@ def mlp(c, d, n):
 def mlp_hyena_x(c, d, n):
   hidden = int(round(c["ratio"] * d))
   return dense(n, d, 3 * hidden) + 2 * c["kernel_size"] * n * 3 * hidden + dense(n, hidden, d)
-

@@ -3,8 +3,8 @@ importer.
 
 Every operator maps (B, N, D) -> (B, N, D). A DiT layer names its sequence mixer (site "attn") and its channel
 mixer (site "mlp") by registry name, so surgery only has to edit a name and a config dict. An operator of one's own
-is registered the same way as the built-in ones (README, Graft your own operator), from any module imported before a
-config or checkpoint names it.
+is registered the same way as the built-in ones (README, Use it), from any module imported before a config or
+checkpoint names it.
 """
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ _OPERATORS: dict[str, Operator] = {}
 
 
 def register(name: str, site: str, defaults: Mapping[str, Any], *, flops: Flops, torch_modules=(), from_torch=None):
-  """Class decorator adding a Flax module to the registry under `name`. A module constructed as module(dim=D,
-  **config) with every option in `defaults`; `flops(config, dim, tokens)` its forward FLOPs on one sample (the
-  graft summary's); `torch_modules` and `from_torch` how the converter recognises and imports its PyTorch weights.
+  """Class decorator adding a Flax module to the registry under `name`. The module is built as module(dim=D,
+  **config), each of its options with a default in `defaults` (checked here); `flops(config, dim, tokens)` gives
+  its forward FLOPs on one sample (the graft summary's); `torch_modules` and `from_torch` say how the converter
+  recognises and imports its PyTorch weights.
 
   Registering a name again replaces the entry only when the class comes from the same module under the same name
   (a notebook cell or a config file run again); any other clash is an error."""

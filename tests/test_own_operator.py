@@ -5,12 +5,13 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cli import ROOT, load_config, run_main
 from graft_jax import checkpoints, graft, operators
-from graft_jax.models import dit_config
+from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.models.config import OpSpec
 
 
@@ -75,8 +76,8 @@ def test_the_command_line_grafts_it_and_a_fresh_process_says_what_to_import(own,
   student = tmp_path / "own" / "variants" / "graft" / "student"
   model, params = checkpoints.load(student)  # registered in this process by the fixture
   assert model.config.layers[1].attn.name == "linear_attention"
-  fresh = subprocess.run([sys.executable, "-c", f"from graft_jax import checkpoints; checkpoints.load({str(student)!r})"],
-                         capture_output=True, text=True)
+  load = f"from graft_jax import checkpoints; checkpoints.load({str(student)!r})"
+  fresh = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True)
   assert fresh.returncode != 0
   assert "unknown operator 'linear_attention'" in fresh.stderr and "module that registers it" in fresh.stderr
 
@@ -102,3 +103,31 @@ def test_a_module_that_cannot_be_built_from_its_options_is_refused_when_register
 def test_the_config_takes_shrink_only(own):
   with pytest.raises(ValueError, match="takes shrink=1 only"):
     load_config("demo_own_operator", "operator=swa")
+
+
+class SwiGLU(nn.Module):
+  """A channel mixer of one's own: W_out(silu(W_a x) * W_b x)."""
+  dim: int
+  ratio: float
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = int(self.ratio * self.dim)
+    a, b = jnp.split(nn.Dense(2 * hidden, name="fc1")(x), 2, axis=-1)
+    return nn.Dense(self.dim, name="fc2")(nn.silu(a) * b)
+
+
+def test_a_channel_mixer_of_ones_own_grafts_into_the_mlp_site():
+  hidden = lambda c, d: int(c["ratio"] * d)
+  operators.register("swiglu_test", "mlp", defaults={"ratio": 2.0},
+                     flops=lambda c, d, n: 2 * n * d * 2 * hidden(c, d) + 2 * n * hidden(c, d) * d)(SwiGLU)
+  teacher = dit_config("DiT-S/2", depth=2, hidden_size=32, num_heads=2, input_size=16, num_classes=10)
+  plan = graft.parse_plan([dict(site="mlp", layers=[0], operator="swiglu_test")], teacher)
+  student, params = graft.graft(teacher, init_params(teacher, jax.random.key(0)), plan, jax.random.key(1))
+  assert jax.tree.map(jnp.shape, params["blocks_0"]["mlp"]) == {
+      "fc1": {"kernel": (32, 128), "bias": (128,)}, "fc2": {"kernel": (64, 32), "bias": (32,)}}
+  out = DiT(student).apply({"params": params}, jnp.ones((2, 16, 16, 4)), jnp.array([3, 500]), jnp.array([1, 2]))
+  assert out.shape == (2, 16, 16, 8) and bool(jnp.isfinite(out).all())
+  row, = graft.summary(teacher, student)["rows"]
+  assert (row["before"], row["after"], row["site"]) == ("mlp", "swiglu_test", "mlp")
+  assert row["flops_after"] == 2 * teacher.num_tokens * 32 * 128 + 2 * teacher.num_tokens * 64 * 32

@@ -35,6 +35,8 @@ def test_pair_starts_as_the_sum_of_its_blocks_updates():
   assert new["blocks_1"]["block_0"] is params["blocks_2"] and new["blocks_1"]["block_1"] is params["blocks_3"]
   np.testing.assert_array_equal(new["blocks_0"]["merge"]["kernel"], np.concatenate([np.eye(D), np.eye(D)]))
   np.testing.assert_array_equal(new["blocks_0"]["merge"]["bias"], np.zeros(D))
+  # On the device, not host numpy arrays, which every jitted call taking them would copy in again.
+  assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(new["blocks_0"]["merge"]))
   rng = np.random.default_rng(1)
   x, c = rng.standard_normal((2, 16, D)).astype(np.float32), rng.standard_normal((2, D)).astype(np.float32)
   spec = student.layers[0]

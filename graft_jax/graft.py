@@ -262,7 +262,7 @@ def pair_params(teacher: DiTConfig, teacher_params, edits: Sequence[Edit]) -> di
   as block_0 and block_1 and the merge at [I; I], zero bias (init "teacher"), or its whole stage-1 subtree."""
   d = teacher.hidden_size
   # Device arrays, as the operators' fresh weights are: a jitted call copies a host (numpy) leaf in on every call
-  # (DiT-XL/2's 14 merges: 1.5 ms of a 2.9 ms batch-2 forward on an H200).
+  # (DiT-XL/2's 14 merges: 74 MB in bf16, 1.5 ms of every batch-2 forward on an H200).
   merge = {"kernel": merge_init(None, (2 * d, d)), "bias": jnp.zeros((d,), jnp.float32)}
   params = {k: v for k, v in teacher_params.items() if not k.startswith("blocks_")}
   inits = {i: e.init for e in edits for i in e.layers}

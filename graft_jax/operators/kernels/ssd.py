@@ -129,6 +129,9 @@ def _diagonal_fwd(C, B, a, xdt, interpret):
 def _diagonal_bwd(interpret, residuals, dy):
   C, B, a, xdt = residuals
   outputs = [(xdt.dtype, "features"), (_F32, "per_head"), (_F32, "per_head"), (_F32, "partial_cb")]
+  # The kernel rounds dy to the matmul dtype as it loads it, so rounding here changes no value and halves what it
+  # reads; in Mamba-2, whose y is rounded to bf16, dy holds bf16 values already and XLA drops both casts.
+  dy = dy.astype(xdt.dtype)
   dx, da_rows, da_cols, dcb = _call(_backward_kernel, C, B, a, xdt, [dy], outputs, interpret)
   # d(C B^T) summed over head blocks, then back through the matmul it came from, in the operands' dtype.
   dcb = dcb.sum(2).astype(C.dtype)

@@ -130,6 +130,19 @@ def test_ssd_kernel_runs_on_batch_shards():
   _sharded_matches_one_device(lambda *args: ssd_diagonal_pallas(*args, interpret=True), [C, B, a, xdt])
 
 
+def test_ssd_kernel_lowers_for_cuda_at_dit_mamba2s_shape():
+  # Pallas lowers both kernels to Triton's IR here (an op without a Triton rule fails; Triton itself compiles on a
+  # GPU): DiT-XL/2's Mamba-2 at 256 tokens is 4 chunks of 64, state 64 and 144 heads of 16, in head blocks of 16.
+  chunk, a = jax.ShapeDtypeStruct((2, 4, 64, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 4, 64, 144), jnp.float32)
+  xdt = jax.ShapeDtypeStruct((2, 4, 64, 144, 16), jnp.bfloat16)
+  fused = lambda *args: ssd_diagonal_pallas(*args, interpret=False)
+  value_and_grads = jax.value_and_grad(lambda *b: jnp.sum(fused(*b)), argnums=(0, 1, 2, 3))
+  exported = jax.export.export(jax.jit(value_and_grads), platforms=["cuda"], disabled_checks=[
+      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(chunk, chunk, a, xdt)
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2  # the forward, the backward
+  assert [x.shape for x in exported.out_avals[1:]] == [(2, 4, 64, 64)] * 2 + [(2, 4, 64, 144), (2, 4, 64, 144, 16)]
+
+
 def test_splash_runs_on_batch_shards():
   # 130 tokens: a padded second block, so the padding segment ids travel with each shard too.
   q, k, v = _normal(8, *[(8, 130, 2, 8)] * 3)

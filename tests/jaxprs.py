@@ -1,4 +1,16 @@
-"""Reading traced programs in tests: which dtypes the matmuls run in."""
+"""Reading traced programs in tests: which dtypes the matmuls run in, and the kernels' CUDA lowering."""
+import jax
+
+# The custom calls the Pallas kernels lower to (Triton, Mosaic GPU), which jax.export refuses unless told.
+KERNEL_CALLS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
+
+
+def export_for_cuda(fn, *args):
+  """jax.export of jit(fn) for CUDA on this CPU machine: Pallas lowers the kernels (Mosaic runs its own shape,
+  layout and alignment checks as it does; Triton compiles only on a GPU)."""
+  return jax.export.export(jax.jit(fn), platforms=["cuda"],
+                           disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in KERNEL_CALLS])(*args)
+
 
 
 def dot_dtypes(jaxpr, found=None) -> list[tuple[int, str]]:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import export_for_cuda
 
 from graft_jax.models import DiT, dit_config, init_params
 from graft_jax.models.config import OpSpec
@@ -15,22 +16,15 @@ from graft_jax.operators.kernels import dense_gelu
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def _export_for_cuda(fn, *args):
-  return jax.export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")],
-  )(*args)
-
-
 def test_kernels_lower_to_mosaic_gpu():
   bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   x, w1, b1, w2, b2 = bf16(2, 256, 128), bf16(128, 512), bf16(512), bf16(512, 128), bf16(128)
   mlp = lambda *a: dense_gelu.mlp(*a, num_sms=4)
-  forward = _export_for_cuda(mlp, x, w1, b1, w2, b2)
+  forward = export_for_cuda(mlp, x, w1, b1, w2, b2)
   assert forward.mlir_module().count("mosaic_gpu") >= 1 and forward.out_avals[0].shape == (2, 256, 128)
   # A train step's MLP: the forward kernel that also writes the GELU's derivative, and the product kernel.
   loss = lambda *a: jnp.sum(mlp(*a).astype(jnp.float32))
-  train = _export_for_cuda(jax.grad(loss, argnums=range(5)), x, w1, b1, w2, b2)
+  train = export_for_cuda(jax.grad(loss, argnums=range(5)), x, w1, b1, w2, b2)
   assert [a.shape for a in train.out_avals] == [(2, 256, 128), (128, 512), (512,), (512, 128), (128,)]
   assert train.mlir_module().count("mosaic_gpu") >= 2
 

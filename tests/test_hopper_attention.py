@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import export_for_cuda
 from test_kernels import _sharded_matches_one_device
 
 from graft_jax import operators as ops
@@ -36,18 +37,12 @@ def _mha(backend: str, tokens: int, dtype=jnp.bfloat16):
   return module, params, x
 
 
-def _export_for_cuda(fn, *args):
-  """jax.export of jit(fn) for CUDA on this CPU machine: Mosaic's own checks run as it lowers the kernels."""
-  return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call(t) for t in ("mosaic_gpu", "mosaic_gpu_v2")])(*args)
-
-
 @pytest.mark.parametrize("tokens", [512, 256])
 def test_mha_lowers_to_the_kernel(tokens):
   # 512 tokens: items of two 256-key steps; 256 tokens: of two 128-key steps (three stages); two items of 128
   # queries per (batch, head), on persistent programs.
   module, params, x = _mha("mosaic", tokens)
-  exported = _export_for_cuda(module.apply, params, x)
+  exported = export_for_cuda(module.apply, params, x)
   assert "mosaic_gpu" in exported.mlir_module()
   assert exported.out_avals[0].shape == x.shape
 
@@ -71,7 +66,7 @@ def test_differentiated_mosaic_mha_lowers_to_the_backward_kernels(tokens):
   # cuDNN anywhere, and gradients for every parameter and the input.
   module, params, x = _mha("mosaic", tokens)
   loss = lambda params, x: module.apply(params, x).astype(jnp.float32).sum()
-  exported = _export_for_cuda(jax.grad(loss, argnums=(0, 1)), params, x)
+  exported = export_for_cuda(jax.grad(loss, argnums=(0, 1)), params, x)
   module_text = exported.mlir_module()
   assert len(re.findall(r"custom_call @mosaic_gpu", module_text)) == 3
   assert "cudnn" not in module_text
@@ -109,7 +104,7 @@ def test_remat_keeps_what_the_backward_kernels_read(remat, kernel_calls):
   params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg, jax.random.key(0)))
   x, labels = jnp.zeros((2, 32, 32, 4), jnp.bfloat16), jnp.zeros((2,), jnp.int32)  # 256 tokens
   loss = lambda params: DiT(cfg).apply({"params": params}, x, labels, labels).astype(jnp.float32).sum()
-  exported = _export_for_cuda(jax.grad(loss), params)
+  exported = export_for_cuda(jax.grad(loss), params)
   assert len(re.findall(r"custom_call @mosaic_gpu", exported.mlir_module())) == kernel_calls
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxprs import export_for_cuda
 from test_kernels import _grads, _normal, _sharded_matches_one_device
 
 from graft_jax import operators as ops
@@ -41,9 +42,7 @@ def test_kernel_runs_on_batch_shards():
 def test_kernel_lowers_for_cuda_at_pixarts_2048px_shape():
   u = jax.ShapeDtypeStruct((2, 16384, 3 * 1152), jnp.bfloat16)
   w, b = jax.ShapeDtypeStruct((4, 3 * 1152), jnp.bfloat16), jax.ShapeDtypeStruct((3 * 1152,), jnp.bfloat16)
-  exported = jax.export.export(
-      jax.jit(lambda u, w, b: hyena_gate.gated_conv(u, w, b, gated_conv_xla, interpret=False)), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(u, w, b)
+  exported = export_for_cuda(lambda u, w, b: hyena_gate.gated_conv(u, w, b, gated_conv_xla, interpret=False), u, w, b)
   assert "triton" in exported.mlir_module()
   assert exported.out_avals[0].shape == (2, 16384, 1152)
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from jaxprs import export_for_cuda
 
 from graft_jax import operators as ops
 from graft_jax.operators.attention import SPLASH_FROM_TOKENS, mha_backend, swa_backend, tiled_band_attention
@@ -137,8 +138,7 @@ def test_ssd_kernel_lowers_for_cuda_at_dit_mamba2s_shape():
   xdt = jax.ShapeDtypeStruct((2, 4, 64, 144, 16), jnp.bfloat16)
   fused = lambda *args: ssd_diagonal_pallas(*args, interpret=False)
   value_and_grads = jax.value_and_grad(lambda *b: jnp.sum(fused(*b)), argnums=(0, 1, 2, 3))
-  exported = jax.export.export(jax.jit(value_and_grads), platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(chunk, chunk, a, xdt)
+  exported = export_for_cuda(value_and_grads, chunk, chunk, a, xdt)
   assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2  # the forward, the backward
   assert [x.shape for x in exported.out_avals[1:]] == [(2, 4, 64, 64)] * 2 + [(2, 4, 64, 144), (2, 4, 64, 144, 16)]
 

@@ -8,6 +8,7 @@ the attention's norm stays on XLA), when the dtypes agree. Their speed is the H2
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxprs import export_for_cuda
 from test_kernels import TOL, _grads, _normal, _sharded_matches_one_device
 
 from graft_jax.models import DiT, dit_config, init_params
@@ -101,8 +102,7 @@ def test_kernel_runs_on_batch_shards():
 def test_kernels_lower_for_cuda_at_dit_xl2s_shape():
   rows, sample = jax.ShapeDtypeStruct((256, 256, 1152), jnp.bfloat16), jax.ShapeDtypeStruct((256, 1152), jnp.bfloat16)
   fused = lambda *a: norm_kernel.norm_modulate(*a, norm_modulate, interpret=False)[0]
-  export = lambda fn: jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-      jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(rows, sample, sample)
+  export = lambda fn: export_for_cuda(fn, rows, sample, sample)
   forward = export(fused)
   assert "triton" in forward.mlir_module()
   assert forward.out_avals[0].shape == (256, 256, 1152)
